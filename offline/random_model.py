@@ -22,12 +22,17 @@ PRESETS = {
     "small": (256, 512, 4, 8, 4),
     "llama3-8b": (4096, 14336, 32, 32, 8),
 }
+PRESET_VOCAB = {"llama3-8b": 128256}
 
 
 def make_random_llama(out_dir: str | Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
                       heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype: str = "bfloat16",
                       tokenizer_from: str | Path | None = None, tie_word_embeddings: bool = False,
-                      max_position_embeddings: int = 2048) -> Path:
+                      max_position_embeddings: int = 2048, vocab_size: int | None = None,
+                      device: str = "cpu") -> Path:
+    """Write a random Llama to ``out_dir``. ``vocab_size`` may exceed the tokenizer's (rows past it are never used),
+    e.g. 128256 to give a Llama-3-8B-sized embedding/lm_head; ``device="cuda"`` draws the weights on the GPU (fast for
+    8B-sized models)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,7 +44,7 @@ def make_random_llama(out_dir: str | Path, *, hidden: int = 64, intermediate: in
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -48,13 +53,14 @@ def make_random_llama(out_dir: str | Path, *, hidden: int = 64, intermediate: in
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(getattr(torch, dtype))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+                r = torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device).mul_(0.02)
+                p.copy_(r.to(p.dtype).cpu())
     model.config.torch_dtype = dtype
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -71,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-from", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="where to draw the random weights (cpu|cuda)")
     args = ap.parse_args(argv)
     hidden, inter, layers, heads, kv = PRESETS[args.preset]
     out = make_random_llama(args.out_dir, hidden=hidden, intermediate=inter, layers=args.layers or layers,
-                            heads=heads, kv_heads=kv, seed=args.seed, tokenizer_from=args.tokenizer_from)
+                            heads=heads, kv_heads=kv, seed=args.seed, tokenizer_from=args.tokenizer_from,
+                            vocab_size=PRESET_VOCAB.get(args.preset), device=args.device,
+                            max_position_embeddings=8192 if args.preset == "llama3-8b" else 2048)
     print(out)
     return 0
 

@@ -1,0 +1,206 @@
+"""End-to-end vLLM speed: dense vs nm16 checkpoints of the same model, identical engine settings, vLLM defaults
+(torch.compile + CUDA graphs on; no --enforce-eager).
+
+What it measures, per model, in ONE engine (one start per model instead of one per batch size — device time is scarce;
+the timed loop is the same as `vllm bench latency` / `vllm bench throughput`: random token-id prompts, ignore_eos,
+fixed output length):
+
+* latency: for each batch size B, the wall time of ``LLM.generate`` on B prompts of ``--input-len`` random tokens
+  generating exactly ``--output-len`` tokens each (median of ``--iters`` after ``--warmup`` runs);
+* throughput: ``--tp-prompts`` prompts of ``--tp-input`` tokens, ``--tp-output`` tokens each, in one generate call:
+  output tokens/s and total tokens/s;
+* weight memory: vLLM's "Model loading took X GiB" log line.
+
+    python benchmarks/bench_e2e.py --dense DENSE_DIR --nm16 NM16_DIR --json OUT.json [--plot OUT.png]
+
+Each model runs in its own subprocess (a clean GPU for each); results are merged into one JSON whose ``rows`` hold
+``bench`` (latency|throughput), ``batch``, ``dense``, ``nm16``, ``unit``, ``speedup`` (>1: nm16 faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Child process: benchmark one checkpoint."""
+    import numpy as np
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=args.model, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_mem,
+              enable_prefix_caching=False, max_num_seqs=max(max(args.batches), 256), seed=0)
+    if args.quantization:
+        kw["quantization"] = args.quantization
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+
+    def prompts(count: int, length: int):
+        return [TokensPrompt(prompt_token_ids=rng.integers(100, 10000, size=length).tolist()) for _ in range(count)]
+
+    out: dict = {"model": args.model, "quantization": args.quantization, "startup_s": startup_s, "latency": {},
+                 "throughput": {}}
+    sp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
+    for b in args.batches:
+        batch = prompts(b, args.input_len)
+        for _ in range(args.warmup):
+            llm.generate(batch, sp, use_tqdm=False)
+        times = []
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            res = llm.generate(batch, sp, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+            assert all(len(r.outputs[0].token_ids) == args.output_len for r in res)
+        out["latency"][str(b)] = {"median_s": statistics.median(times), "all_s": times}
+        print(f"[{args.quantization or 'dense'}] latency batch {b}: median {statistics.median(times):.4f} s", flush=True)
+    if args.tp_prompts:
+        batch = prompts(args.tp_prompts, args.tp_input)
+        tsp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.tp_output)
+        llm.generate(batch[: min(32, len(batch))], tsp, use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        res = llm.generate(batch, tsp, use_tqdm=False)
+        el = time.perf_counter() - t
+        n_out = sum(len(r.outputs[0].token_ids) for r in res)
+        out["throughput"] = {"elapsed_s": el, "requests_per_s": len(batch) / el, "output_tokens_per_s": n_out / el,
+                             "total_tokens_per_s": (n_out + len(batch) * args.tp_input) / el}
+        print(f"[{args.quantization or 'dense'}] throughput: {n_out / el:.1f} output tok/s", flush=True)
+    return out
+
+
+_MEM_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
+
+
+def bench_model(model: str, quantization: str | None, args: argparse.Namespace, log_dir: Path) -> dict:
+    res_file = log_dir / f"e2e_{quantization or 'dense'}.json"
+    log_file = log_dir / f"e2e_{quantization or 'dense'}.log"
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--child-json", str(res_file),
+           "--batches", *map(str, args.batches), "--input-len", str(args.input_len), "--output-len",
+           str(args.output_len), "--iters", str(args.iters), "--warmup", str(args.warmup), "--tp-prompts",
+           str(args.tp_prompts), "--tp-input", str(args.tp_input), "--tp-output", str(args.tp_output),
+           "--max-model-len", str(args.max_model_len), "--gpu-mem", str(args.gpu_mem)]
+    if quantization:
+        cmd += ["--quantization", quantization]
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    text = log_file.read_text(errors="replace")
+    if proc.returncode != 0 or not res_file.is_file():
+        print(text[-6000:])
+        raise SystemExit(f"benchmark of {model} failed (rc {proc.returncode}); log: {log_file}")
+    res = json.loads(res_file.read_text())
+    mem = _MEM_RE.findall(text)
+    res["weights_gib"] = float(mem[-1]) if mem else None
+    return res
+
+
+def merge(dense: dict, nm16: dict, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for b in args.batches:
+        d, s = dense["latency"][str(b)]["median_s"], nm16["latency"][str(b)]["median_s"]
+        tok = b * args.output_len
+        rows.append({"bench": "latency", "batch": b, "input_len": args.input_len, "output_len": args.output_len,
+                     "dense": d, "nm16": s, "unit": "s (median, lower is better)", "speedup": d / s,
+                     "dense_tok_s": tok / d, "nm16_tok_s": tok / s})
+    if args.tp_prompts:
+        d, s = dense["throughput"]["output_tokens_per_s"], nm16["throughput"]["output_tokens_per_s"]
+        rows.append({"bench": "throughput", "batch": args.tp_prompts, "input_len": args.tp_input,
+                     "output_len": args.tp_output, "dense": d, "nm16": s, "unit": "output tokens/s",
+                     "speedup": s / d})
+    if dense.get("weights_gib") and nm16.get("weights_gib"):
+        rows.append({"bench": "weight_memory", "batch": None, "dense": dense["weights_gib"],
+                     "nm16": nm16["weights_gib"], "unit": "GiB (vLLM 'Model loading took')",
+                     "speedup": dense["weights_gib"] / nm16["weights_gib"]})
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = [r for r in rows if r["bench"] == "latency"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"latency b={r['batch']}" for r in lat] + [f"throughput ({r['batch']} req)" for r in rows
+                                                           if r["bench"] == "throughput"]
+    vals = [r["speedup"] for r in lat] + [r["speedup"] for r in rows if r["bench"] == "throughput"]
+    ax.bar(labels, vals, color="tab:blue")
+    ax.axhline(1.0, color="k", lw=1)
+    for i, v in enumerate(vals):
+        ax.text(i, v + 0.02, f"{v:.2f}x", ha="center")
+    ax.set_ylabel("nm16 speedup over dense (x)")
+    ax.set_title(title, fontsize=9)
+    plt.xticks(rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dense")
+    ap.add_argument("--nm16")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--log-dir", type=Path, default=Path("."))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tp-prompts", type=int, default=500)
+    ap.add_argument("--tp-input", type=int, default=512)
+    ap.add_argument("--tp-output", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--gpu-mem", type=float, default=0.85)
+    # child mode
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--quantization", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = run_one(args)
+        args.child_json.write_text(json.dumps(res, indent=2))
+        return 0
+    if not (args.dense and args.nm16 and args.json):
+        ap.error("--dense, --nm16 and --json are required")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    dense = bench_model(args.dense, None, args, args.log_dir)
+    nm16 = bench_model(args.nm16, "nm16", args, args.log_dir)
+    rows = merge(dense, nm16, args)
+    env = {"python": platform.python_version(), "argv": sys.argv}
+    try:
+        import torch
+        import vllm
+
+        env.update(torch=torch.__version__, vllm=vllm.__version__,
+                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001 - environment record only
+        env["error"] = repr(e)
+    result = {"env": env, "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")
+                                       and k not in ("json", "plot", "log_dir", "model", "quantization")},
+              "rows": rows, "dense_raw": dense, "nm16_raw": nm16}
+    args.json.write_text(json.dumps(result, indent=2, default=str))
+    if args.plot:
+        plot(rows, args.plot, f"vLLM {env.get('vllm')} on {env.get('gpu')}: nm16 vs dense")
+    for r in rows:
+        print(json.dumps({k: r[k] for k in ("bench", "batch", "dense", "nm16", "unit", "speedup")}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    sys.exit(main())
