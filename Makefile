@@ -28,5 +28,8 @@ assets: $(STAMP)
 test: setup
 	$(PY) -m pytest tests
 
+demo: setup
+	$(PY) scripts/demo.py
+
 clean-cache:
 	rm -rf .cache
