@@ -15,6 +15,12 @@ fixed output length):
 
 Each model runs in its own subprocess (a clean GPU for each); results are merged into one JSON whose ``rows`` hold
 ``bench`` (latency|throughput), ``batch``, ``dense``, ``nm16``, ``unit``, ``speedup`` (>1: nm16 faster).
+A device call is limited to 10 minutes, so the two models can also run in separate calls and be merged afterwards
+(the settings of both runs must match; the merge checks it):
+
+    python benchmarks/bench_e2e.py --only dense --dense DENSE_DIR --log-dir RAW      # call 1 -> RAW/e2e_dense.json
+    python benchmarks/bench_e2e.py --only nm16 --nm16 NM16_DIR --log-dir RAW         # call 2 -> RAW/e2e_nm16.json
+    python benchmarks/bench_e2e.py --merge RAW/e2e_dense.json RAW/e2e_nm16.json --json OUT.json --plot OUT.png
 """
 
 from __future__ import annotations
@@ -100,7 +106,34 @@ def bench_model(model: str, quantization: str | None, args: argparse.Namespace, 
     res = json.loads(res_file.read_text())
     mem = _MEM_RE.findall(text)
     res["weights_gib"] = float(mem[-1]) if mem else None
+    res["settings"] = settings_of(args)
+    res["env"] = environment()
+    res_file.write_text(json.dumps(res, indent=2, default=str))
     return res
+
+
+SETTINGS = ("batches", "input_len", "output_len", "iters", "warmup", "tp_prompts", "tp_input", "tp_output",
+            "max_model_len", "gpu_mem")
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "argv": sys.argv}
+    try:
+        import torch
+        import vllm
+
+        env.update(torch=torch.__version__, vllm=vllm.__version__,
+                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001 - environment record only
+        env["error"] = repr(e)
+    return env
 
 
 def merge(dense: dict, nm16: dict, args: argparse.Namespace) -> list[dict]:
@@ -162,6 +195,9 @@ def main() -> int:
     ap.add_argument("--tp-output", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-mem", type=float, default=0.85)
+    ap.add_argument("--only", choices=("dense", "nm16"), help="benchmark one model; write LOG_DIR/e2e_<name>.json")
+    ap.add_argument("--merge", nargs=2, type=Path, metavar=("DENSE_JSON", "NM16_JSON"),
+                    help="merge two --only results into --json/--plot")
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -172,30 +208,36 @@ def main() -> int:
         res = run_one(args)
         args.child_json.write_text(json.dumps(res, indent=2))
         return 0
-    if not (args.dense and args.nm16 and args.json):
-        ap.error("--dense, --nm16 and --json are required")
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    dense = bench_model(args.dense, None, args, args.log_dir)
-    nm16 = bench_model(args.nm16, "nm16", args, args.log_dir)
+    if args.only:
+        model = args.dense if args.only == "dense" else args.nm16
+        if not model:
+            ap.error(f"--only {args.only} needs --{args.only}")
+        bench_model(model, None if args.only == "dense" else "nm16", args, args.log_dir)
+        print(f"wrote {args.log_dir / f'e2e_{args.only}.json'}")
+        return 0
+    if args.merge:
+        dense, nm16 = (json.loads(p.read_text()) for p in args.merge)
+        if dense["settings"] != nm16["settings"]:
+            raise SystemExit(f"error: the two runs used different settings: {dense['settings']} vs {nm16['settings']}")
+        for k, v in dense["settings"].items():
+            setattr(args, k, v)
+        env = {"dense": dense.get("env"), "nm16": nm16.get("env"), "merge_argv": sys.argv}
+        gpu, vllm_v = (dense.get("env") or {}).get("gpu"), (dense.get("env") or {}).get("vllm")
+    else:
+        if not (args.dense and args.nm16 and args.json):
+            ap.error("--dense, --nm16 and --json are required")
+        dense = bench_model(args.dense, None, args, args.log_dir)
+        nm16 = bench_model(args.nm16, "nm16", args, args.log_dir)
+        env = environment()
+        gpu, vllm_v = env.get("gpu"), env.get("vllm")
+    if not args.json:
+        ap.error("--json is required")
     rows = merge(dense, nm16, args)
-    env = {"python": platform.python_version(), "argv": sys.argv}
-    try:
-        import torch
-        import vllm
-
-        env.update(torch=torch.__version__, vllm=vllm.__version__,
-                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception as e:  # noqa: BLE001 - environment record only
-        env["error"] = repr(e)
-    result = {"env": env, "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")
-                                       and k not in ("json", "plot", "log_dir", "model", "quantization")},
-              "rows": rows, "dense_raw": dense, "nm16_raw": nm16}
+    result = {"env": env, "settings": settings_of(args), "rows": rows, "dense_raw": dense, "nm16_raw": nm16}
     args.json.write_text(json.dumps(result, indent=2, default=str))
     if args.plot:
-        plot(rows, args.plot, f"vLLM {env.get('vllm')} on {env.get('gpu')}: nm16 vs dense")
+        plot(rows, args.plot, f"vLLM {vllm_v} on {gpu}: nm16 vs dense")
     for r in rows:
         print(json.dumps({k: r[k] for k in ("bench", "batch", "dense", "nm16", "unit", "speedup")}))
     return 0

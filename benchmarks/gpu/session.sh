@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU-host session steps (H100, torch 2.11 + triton 3.6, Python 3.12, no network). The host keeps /tmp only while it
+# stays warm (~30 s between calls), so the steps are run as back-to-back device calls:
+#
+#   chunk N   : copy .gpuN/chunk_* (one quarter of a tar of the slim vLLM 0.26.0 wheelhouse + the SmolLM2 GGUF +
+#               the gguf wheel; made on the CPU machine, see benchmarks/gpu/README.md) to /tmp/chunks; with N = 1
+#               also unpack .gpudata/data.tar.gz (calibration/eval text, tokenizer) to /tmp/gpudata
+#   install SHA256 : reassemble, install vLLM 0.26.0 + gguf + this project into /tmp/site
+#   smollm    : benchmarks/gpu/smollm_check.py (default model: compress on the GPU, greedy + perplexity vLLM-GPU vs
+#               the PyTorch path and transformers, `vllm serve` with CUDA graphs + torch.compile answering chat)
+#   make8b    : random Llama-3-8B-shaped bf16 checkpoint + its data-free nm16 packing (benchmarks/pack_random_nm16.py)
+#   e2e MODEL : benchmarks/bench_e2e.py --only MODEL (dense|nm16) on the 8B checkpoints -> $OUT/e2e_MODEL.json
+#
+# Results go to $OUT (the device tool brings them back).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+site=/tmp/site
+# The live working tree (copied afresh on every call) goes first, so code fixed between calls needs no reinstall;
+# /tmp/site holds vLLM and this project's installed metadata (the vllm.general_plugins entry point).
+use_site() { export PYTHONPATH=$ROOT:$site PATH=$site/bin:$PATH; }
+
+step=$1; shift
+case "$step" in
+chunk)
+  mkdir -p /tmp/chunks && cp ".gpu$1"/chunk_* /tmp/chunks/ && ls -la /tmp/chunks
+  if [ "$1" = 1 ]; then mkdir -p /tmp/gpudata && tar xzf .gpudata/data.tar.gz -C /tmp/gpudata && ls /tmp/gpudata; fi ;;
+install)
+  cat /tmp/chunks/chunk_0* > /tmp/all.tar
+  echo "$1  /tmp/all.tar" | sha256sum -c -
+  mkdir -p /tmp/bundle && tar xf /tmp/all.tar -C /tmp/bundle && rm /tmp/all.tar
+  bash /tmp/bundle/install.sh /tmp/bundle $site
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $site /tmp/bundle/gguf-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $site "$ROOT"
+  use_site
+  python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, vllm, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+  ;;
+smollm)
+  use_site
+  NM16_CACHE=/tmp/nm16cache python3 benchmarks/gpu/smollm_check.py --gguf /tmp/bundle/SmolLM2-135M-Instruct.Q4_1.gguf \
+    --calib /tmp/gpudata/sotu-calib-part.txt --eval /tmp/gpudata/sotu-eval.txt --out "$OUT/smollm" ;;
+make8b)
+  use_site
+  t0=$(date +%s)
+  [ -f /tmp/llama8b/config.json ] || python3 benchmarks/make_random_llama.py /tmp/llama8b --preset llama3-8b \
+    --tokenizer-from /tmp/gpudata/tok --device cuda
+  [ -f /tmp/llama8b-nm16/config.json ] || python3 benchmarks/pack_random_nm16.py /tmp/llama8b /tmp/llama8b-nm16 \
+    --outliers "${NM16_OUTLIERS:-4/256}" --device cuda
+  du -sh /tmp/llama8b /tmp/llama8b-nm16; echo "make8b took $(( $(date +%s) - t0 )) s" ;;
+e2e)
+  use_site
+  python3 benchmarks/bench_e2e.py --only "$1" --dense /tmp/llama8b --nm16 /tmp/llama8b-nm16 --log-dir "$OUT"
+  tail -5 "$OUT/e2e_$1.log" ;;
+*)
+  echo "unknown step $step" >&2; exit 2 ;;
+esac
