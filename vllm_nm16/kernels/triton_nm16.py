@@ -1,0 +1,242 @@
+"""Triton kernels for ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` on the nm16 layout (see layout.py).
+
+Two kernels, picked by the number of rows M of x (a Python int, so the choice is fixed at trace/capture time):
+
+* ``_nm16_gemv_kernel`` (decode, small M): each program owns BN output rows and walks K one tile of BG groups at a
+  time. Per kept value it extracts the 4-bit position, gathers ``x[row, g*M + pos]`` (x is tiny and stays in L1)
+  and does one FMA -- no mask expansion, no cross-lane shuffles. The accumulator keeps the tile shape and is reduced
+  once at the end, so the K loop is pure loads + FMAs.
+* ``_nm16_dot_kernel`` (prefill, larger M): decodes a [BN, BK] tile of W to dense in registers once (compare each
+  kept value's position against the 16 columns of its group), then feeds ``tl.dot`` so the tile is reused by all BM
+  rows of x on the tensor cores. The dense weight never touches global memory.
+
+Both fuse the structured outliers (k per (row, block of B columns): gather x, FMA -- or, in the dot kernel, add them
+into the decoded tile), the per-row scale (N:M part only), shift and bias into the same pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_nm16.kernels.configs import pick_config
+from vllm_nm16.kernels.layout import lut_for
+
+# wm dtype -> position mode constexpr (layout.POS_LUT16 / POS_NIBBLE32 / POS_BYTE).
+_POS_MODE_OF_DTYPE = {torch.int16: 0, torch.int32: 1, torch.uint8: 2}
+
+
+def _interpreted() -> bool:
+    # Under TRITON_INTERPRET=1 (CPU tests) tl.dot on bf16 operands returns garbage (Triton 3.9): upcast there.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _positions(wm_ptr, lut_ptr, offs_n, offs_g, g_ok, G, NK: tl.constexpr, POS_MODE: tl.constexpr):
+    """int32 [BN, BG, NK]: column inside its group of every kept value of the tile (rows offs_n, groups offs_g)."""
+    offs_i = tl.arange(0, NK)
+    if POS_MODE == 2:  # one uint8 per kept value
+        ptrs = wm_ptr + offs_n[:, None, None] * (G * NK) + offs_g[None, :, None] * NK + offs_i[None, None, :]
+        pos = tl.load(ptrs, mask=g_ok[None, :, None], other=0).to(tl.int32)
+    else:  # 8:16: one int32 word of 8 nibbles per group
+        ptrs = wm_ptr + offs_n[:, None] * G + offs_g[None, :]
+        if POS_MODE == 0:  # int16 bitmask -> word via the two byte tables (layout.byte_position_lut)
+            bits = tl.load(ptrs, mask=g_ok[None, :], other=0).to(tl.int32)
+            word = tl.load(lut_ptr + (bits & 255)) | tl.load(lut_ptr + 256 + ((bits >> 8) & 255))
+        else:
+            word = tl.load(ptrs, mask=g_ok[None, :], other=0)
+        pos = (word[:, :, None] >> (offs_i[None, None, :] * 4)) & 15
+    return pos
+
+
+@triton.jit
+def _epilogue(acc, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
+              APPLY_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if APPLY_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n_ld)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + offs_n_ld)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n_ld)[None, :].to(tl.float32)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _nm16_gemv_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
+                      M, N, K, stride_xm, stride_ym,
+                      NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr,
+                      OB: tl.constexpr, OK: tl.constexpr,
+                      HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    # Clamp instead of masking: out-of-range rows re-read a valid row (never stored), so the hot loads carry no mask.
+    offs_n_ld = tl.minimum(offs_n, N - 1)
+    offs_m_ld = tl.minimum(offs_m, M - 1)
+    G = K // MG
+    offs_i = tl.arange(0, NK)
+    x_rows = x_ptr + offs_m_ld[:, None, None, None] * stride_xm  # [BM, 1, 1, 1]
+    w_rows = wv_ptr + offs_n_ld[:, None, None] * (G * NK)       # [BN, 1, 1]
+
+    acc = tl.zeros((BM, BN, BG, NK), dtype=tl.float32)
+    for g0 in range(0, G, BG):
+        offs_g = g0 + tl.arange(0, BG)
+        if EVEN_G:
+            g_ok = offs_g >= 0  # all true, folded away
+        else:
+            g_ok = offs_g < G
+        pos = _positions(wm_ptr, lut_ptr, offs_n_ld, offs_g, g_ok, G, NK, POS_MODE)
+        w = tl.load(w_rows + offs_g[None, :, None] * NK + offs_i[None, None, :],
+                    mask=g_ok[None, :, None], other=0.0).to(tl.float32)
+        col = offs_g[None, :, None] * MG + pos                   # [BN, BG, NK] column of x
+        xg = tl.load(x_rows + col[None, :, :, :], mask=g_ok[None, None, :, None], other=0.0).to(tl.float32)
+        acc += xg * w[None, :, :, :]
+    out = tl.sum(tl.sum(acc, axis=3), axis=2)                   # [BM, BN]
+
+    if HAS_OUT:
+        # k outliers per (row, block of OB columns); entry e of a row sits in block e // OK.
+        KO = (K // OB) * OK
+        acc_o = tl.zeros((BM, BN, BO), dtype=tl.float32)
+        for o0 in range(0, KO, BO):
+            offs_o = o0 + tl.arange(0, BO)
+            o_ok = offs_o < KO
+            o_off = offs_n_ld[:, None] * KO + offs_o[None, :]
+            ov = tl.load(ov_ptr + o_off, mask=o_ok[None, :], other=0.0).to(tl.float32)
+            oi = tl.load(oi_ptr + o_off, mask=o_ok[None, :], other=0).to(tl.int32) & 0xFFFF
+            col = (offs_o[None, :] // OK) * OB + oi
+            xg = tl.load(x_ptr + offs_m_ld[:, None, None] * stride_xm + col[None, :, :],
+                         mask=o_ok[None, None, :], other=0.0).to(tl.float32)
+            acc_o += xg * ov[None, :, :]
+        if HAS_SCALE:  # scale multiplies the N:M part only
+            out = out * tl.load(scale_ptr + offs_n_ld)[None, :]
+        out = out + tl.sum(acc_o, axis=2)
+        _epilogue(out, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
+                  False, HAS_SHIFT, HAS_BIAS)
+    else:
+        _epilogue(out, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
+                  HAS_SCALE, HAS_SHIFT, HAS_BIAS)
+
+
+@triton.jit
+def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
+                     M, N, K, stride_xm, stride_ym,
+                     NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr,
+                     OB: tl.constexpr, OK: tl.constexpr, OKP: tl.constexpr,
+                     HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, DOT_FP32: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, GROUP_M: tl.constexpr):
+    BK: tl.constexpr = BG * MG
+    # Grouped launch order: GROUP_M consecutive programs share one W tile column, so it is decoded from L2-hot bytes.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m_ld = tl.minimum(offs_m, M - 1)
+    offs_n_ld = tl.minimum(offs_n, N - 1)
+    G = K // MG
+    offs_i = tl.arange(0, NK)
+    offs_j = tl.arange(0, MG)
+    offs_k = tl.arange(0, BK)
+    w_rows = wv_ptr + offs_n_ld[:, None, None] * (G * NK)
+    if HAS_OUT and HAS_SCALE:
+        scale = tl.load(scale_ptr + offs_n_ld)
+    if HAS_OUT:
+        KO = (K // OB) * OK
+        offs_t = tl.arange(0, OKP)
+        t_ok = offs_t < OK
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for g0 in range(0, G, BG):
+        offs_g = g0 + tl.arange(0, BG)
+        if EVEN_G:
+            g_ok = offs_g >= 0
+        else:
+            g_ok = offs_g < G
+        pos = _positions(wm_ptr, lut_ptr, offs_n_ld, offs_g, g_ok, G, NK, POS_MODE)
+        v = tl.load(w_rows + offs_g[None, :, None] * NK + offs_i[None, None, :],
+                    mask=g_ok[None, :, None], other=0.0).to(tl.float32)
+        # Decode: dense[n, g, j] = the kept value whose position is j (at most one matches), else 0.
+        hit = pos[:, :, :, None] == offs_j[None, None, None, :]
+        dense = tl.sum(tl.where(hit, v[:, :, :, None], 0.0), axis=2)  # [BN, BG, MG]
+        dense = tl.reshape(dense, (BN, BK))
+        if HAS_OUT:
+            # The tile lies inside one outlier block (launcher: OB % BK == 0): add that block's k outliers.
+            # Scale goes into the tile first because it multiplies only the N:M part.
+            if HAS_SCALE:
+                dense = dense * scale[:, None]
+            c0 = g0 * MG
+            blk = c0 // OB
+            o_off = offs_n_ld[:, None] * KO + blk * OK + offs_t[None, :]
+            ov = tl.load(ov_ptr + o_off, mask=t_ok[None, :], other=0.0).to(tl.float32)
+            oi = tl.load(oi_ptr + o_off, mask=t_ok[None, :], other=0).to(tl.int32) & 0xFFFF
+            local = blk * OB + oi - c0                                # [BN, OKP] column inside the tile
+            hit_o = (local[:, :, None] == offs_k[None, None, :]) & t_ok[None, :, None]
+            dense += tl.sum(tl.where(hit_o, ov[:, :, None], 0.0), axis=1)
+        cols = g0 * MG + offs_k
+        xt = tl.load(x_ptr + offs_m_ld[:, None] * stride_xm + cols[None, :], mask=(cols < K)[None, :], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(dense), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(dense.to(xt.dtype)))
+
+    _epilogue(acc, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
+              HAS_SCALE and not HAS_OUT, HAS_SHIFT, HAS_BIAS)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block, outliers_per_block,
+                in_features, out_features, config=None):
+    """See vllm_nm16.kernels.nm16_linear. ``config`` (a dict like configs.pick_config's) overrides the table."""
+    M, K = x2d.shape
+    N = out_features
+    if K != in_features:
+        raise ValueError(f"nm16_linear: x has {K} columns, the layer has in_features={in_features}")
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    pos_mode = _POS_MODE_OF_DTYPE[wm.dtype]
+    has_out = bool(outliers_per_block)
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0:
+        return y
+    lut = lut_for(x2d.device) if pos_mode == 0 else wm
+    cfg = config or pick_config(N, K, M, n=n, m=m, outlier_block=outlier_block if has_out else None)
+    dummy = y
+    G = K // m
+    common = dict(NK=n, MG=m, POS_MODE=pos_mode, OB=outlier_block if has_out else 1,
+                  OK=outliers_per_block if has_out else 1, HAS_OUT=has_out, HAS_SCALE=scale is not None,
+                  HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None)
+    args = (x2d, wv, wm, lut, ov if has_out else dummy, oi if has_out else dummy,
+            scale if scale is not None else dummy, shift if shift is not None else dummy,
+            bias if bias is not None else dummy, y, M, N, K, x2d.stride(0), y.stride(0))
+    if cfg["kernel"] == "dot":
+        BM, BN, BG = cfg["BM"], cfg["BN"], cfg["BG"]
+        if has_out:
+            while BG > 1 and (outlier_block % (BG * m)):
+                BG //= 2  # a tile must sit inside one outlier block
+        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+        _nm16_dot_kernel[grid](*args, **common, OKP=_next_pow2(common["OK"]), EVEN_G=G % BG == 0,
+                               DOT_FP32=_interpreted(), BM=BM, BN=BN, BG=BG, GROUP_M=cfg.get("GROUP_M", 8),
+                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    else:
+        BM, BN, BG = cfg["BM"], cfg["BN"], cfg["BG"]
+        grid = (triton.cdiv(N, BN), triton.cdiv(M, BM))
+        _nm16_gemv_kernel[grid](*args, **common, EVEN_G=G % BG == 0, BM=BM, BN=BN, BG=BG, BO=cfg.get("BO", 16),
+                                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    return y
