@@ -1,0 +1,39 @@
+"""Offline side of vllm_nm16: compress a Hugging Face causal LM into an nm16 checkpoint and measure perplexity.
+
+Python API (mirrors the ``nm16-compress`` / ``nm16-eval`` CLIs; importing this package is cheap: torch and transformers
+are imported inside the functions)::
+
+    import offline
+    ckpt = offline.compress("path/to/hf-model", "out/nm16", pattern="8:16", method="sparsegpt")
+    offline.evaluate(ckpt, ".cache/data/sotu-eval.txt", max_tokens=8192)["perplexity"]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def compress(model_dir, out_dir, **kwargs) -> Path:
+    """See :func:`offline.api.compress` (keyword arguments = the CLI options)."""
+    from offline.api import compress as _compress
+
+    return _compress(model_dir, out_dir, **kwargs)
+
+
+def evaluate(model_or_ckpt, text, *, seqlen: int = 512, stride: int | None = None, max_tokens: int | None = None,
+             engine: str = "hf", **engine_kw) -> dict:
+    """Perplexity of a dense HF folder or nm16 checkpoint on a text file; ``engine`` is 'hf' (transformers, fp32,
+    nm16 layers unpacked to dense) or 'vllm' (``vllm_nm16.eval_vllm.perplexity_vllm``)."""
+    if engine == "hf":
+        from offline.evaluate import perplexity_hf
+
+        return perplexity_hf(model_or_ckpt, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens, **engine_kw)
+    if engine == "vllm":
+        from vllm_nm16.eval_vllm import perplexity_vllm
+
+        return perplexity_vllm(model_or_ckpt, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                               **engine_kw)
+    raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+
+
+__all__ = ["compress", "evaluate"]

@@ -1,0 +1,211 @@
+"""``compress``: a Hugging Face causal-LM folder in, an nm16 checkpoint folder out (the CLI's engine)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from offline.compressor import Recipe
+from offline.models import architecture_of
+
+log = logging.getLogger("offline")
+
+
+class CompressError(ValueError):
+    """Bad input to the compressor; the message is one line that names the problem."""
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """The source config, after checking the folder is a supported, safetensors HF causal LM."""
+    if not model_dir.exists():
+        raise CompressError(f"model folder {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise CompressError(f"{model_dir} is not a folder")
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CompressError(f"{model_dir} has no config.json (is it a Hugging Face model folder?)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"{cfg_path} is not valid JSON: {e}") from None
+    if "quantization_config" in config:
+        raise CompressError(f"{model_dir} is already quantized/compressed "
+                            f"({config['quantization_config'].get('quant_method')!r}): give a dense model")
+    try:
+        architecture_of(config)
+    except ValueError as e:
+        raise CompressError(str(e)) from None
+    if not list(model_dir.glob("*.safetensors")):
+        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pth")):
+            raise CompressError(f"{model_dir} holds pickle weights (.bin/.pt) only: they are refused for safety; "
+                                f"convert the model to safetensors first")
+        raise CompressError(f"{model_dir} holds no .safetensors weights")
+    return config
+
+
+def check_finite(model) -> None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise CompressError(f"weight tensor {name} holds {bad} NaN/Inf value(s)")
+
+
+def source_tensor_names(model_dir: Path) -> dict[str, Any]:
+    """name -> dtype of every tensor in the source safetensors files."""
+    from safetensors import safe_open
+
+    names = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                names[k] = fh.get_slice(k).get_dtype()
+    return names
+
+
+def compress(model_dir, out_dir, *, pattern: str = "8:16", method: str = "sparsegpt", calib=None,
+             nsamples: int = 32, seqlen: int = 512, seed: int = 0, device: str = "cpu", outliers: str | None = "auto",
+             outlier_structure: str = "structured", variance_correction: str = "channel", mean_shift: bool = False,
+             equalize: float | str | None = 0.5, blocksize: int = 128, percdamp: float = 0.01,
+             true_sequential: bool = True, overwrite: bool = False, strict_divisible: bool = False,
+             progress: bool = True, threads: int | None = None) -> Path:
+    """Compress ``model_dir`` into ``out_dir``; see ``nm16-compress --help`` for the options. Returns ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offline import writer
+    from offline.assets import default_calib_path
+    from offline.calibration import CalibrationError, calibration_samples
+    from offline.compressor import compress_model
+    from vllm_nm16 import format as fmt
+
+    if threads:
+        torch.set_num_threads(threads)
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    config = check_model_dir(model_dir)
+    if out_dir == model_dir or model_dir in out_dir.parents:
+        raise CompressError(f"output folder {out_dir} must not be (inside) the input model folder")
+    if out_dir.exists() and not overwrite:
+        raise CompressError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    if equalize is not None and isinstance(equalize, str):
+        equalize = None if equalize.lower() == "none" else float(equalize)
+    calib_path = Path(calib) if calib else default_calib_path()
+    recipe = Recipe(pattern=pattern, method=method, outliers=outliers, outlier_structure=outlier_structure,
+                    variance_correction=variance_correction, mean_shift=mean_shift, equalize=equalize,
+                    nsamples=nsamples, seqlen=seqlen, seed=seed, blocksize=blocksize, percdamp=percdamp,
+                    true_sequential=true_sequential, calib=str(calib_path))
+    try:
+        recipe.check()
+    except ValueError as e:
+        raise CompressError(str(e)) from None
+
+    with writer.staging_folder(out_dir, overwrite) as tmp:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            samples = calibration_samples(tok, calib_path, nsamples, seqlen, seed)
+        except CalibrationError as e:
+            raise CompressError(str(e)) from None
+        src_names = source_tensor_names(model_dir)
+        src_dtype = next(iter(src_names.values())) if src_names else "BF16"
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(src_dtype, torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        model.eval()
+        check_finite(model)
+        try:
+            spec, results, ignore, info = compress_model(model, samples, recipe, device=device, progress=progress,
+                                                         strict_divisible=strict_divisible)
+        except ValueError as e:
+            raise CompressError(str(e)) from None
+
+        recipe_record = {**asdict(recipe), "outliers_resolved": info["outliers_kb"], "source": str(model_dir),
+                         "tool": "vllm_nm16 offline.compress"}
+        state = model.state_dict()
+        tensors = {}
+        for name in src_names:
+            prefix = name.rpartition(".")[0]
+            if spec is not None and name.endswith(".weight") and prefix in results:
+                for suffix, t in results[prefix].tensors.items():
+                    tensors[f"{prefix}.{suffix}"] = t.cpu()
+            else:
+                if name not in state:
+                    raise CompressError(f"source tensor {name} has no counterpart in the loaded model")
+                tensors[name] = state[name].detach().to(dtype if state[name].is_floating_point()
+                                                        else state[name].dtype).cpu().clone()
+        out_config = dict(config)
+        if spec is not None:
+            all_ignore = ["lm_head"] + [n for n in ignore if n != "lm_head"]
+            spec = fmt.NM16Spec(n=spec.n, m=spec.m, outlier_block=spec.outlier_block,
+                                outliers_per_block=spec.outliers_per_block, has_scale=spec.has_scale,
+                                has_shift=spec.has_shift, ignore=tuple(all_ignore), recipe=recipe_record)
+            out_config["quantization_config"] = spec.to_config()
+        writer.save_shards(tensors, tmp)
+        writer.write_json(tmp / "config.json", out_config)
+        writer.copy_aux_files(model_dir, tmp)
+        report = build_report(results, tensors, src_names, state, ignore, recipe_record, info, spec is not None)
+        writer.write_json(tmp / "nm16_report.json", report)
+        if spec is not None:
+            from offline.nm16_loading import validate_checkpoint
+            validate_checkpoint(tmp)
+        if progress:
+            print_summary(report)
+    return out_dir
+
+
+def build_report(results, tensors, src_names, state, ignore, recipe_record, info, packed: bool) -> dict:
+    layers = {name: r.report for name, r in results.items()}
+    lin_dense = sum(r["bytes"]["dense"] for r in layers.values())
+    lin_bm = sum(r["bytes"]["bitmask"] for r in layers.values())
+    lin_cb = sum(r["bytes"]["combinatorial"] for r in layers.values())
+    n_weights = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
+    ign_bytes = 0
+    for name in ignore:
+        w = state.get(f"{name}.weight")
+        if w is not None:
+            ign_bytes += w.numel() * 2
+            n_weights += w.numel()
+    lin_dense += ign_bytes
+    lin_bm += ign_bytes
+    lin_cb += ign_bytes
+    other = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                if k.rpartition(".")[0] not in results)
+    other -= ign_bytes
+    model_dense = other + lin_dense
+    errs_b = [r["rel_error_before_correction"] for r in layers.values()]
+    errs_a = [r["rel_error_after_correction"] for r in layers.values()]
+    totals = {
+        "linear_layers": len(layers), "linear_layers_dense_kept": len(ignore),
+        "linear_dense_bytes": lin_dense, "linear_bytes_bitmask": lin_bm, "linear_bytes_combinatorial": lin_cb,
+        "linear_ratio_bitmask": lin_bm / lin_dense, "linear_ratio_combinatorial": lin_cb / lin_dense,
+        "linear_bytes_per_weight_bitmask": lin_bm / n_weights,
+        "linear_bytes_per_weight_combinatorial": lin_cb / n_weights,
+        "model_dense_bytes": model_dense, "model_bytes_bitmask": other + lin_bm,
+        "model_ratio_bitmask": (other + lin_bm) / model_dense,
+        "mean_rel_error_before_correction": sum(errs_b) / max(len(errs_b), 1),
+        "mean_rel_error_after_correction": sum(errs_a) / max(len(errs_a), 1),
+        "seconds": info["seconds"],
+    }
+    return {"format": "nm16" if packed else "dense-effective", "recipe": recipe_record, "ignore": ignore,
+            "totals": totals, "layers": layers}
+
+
+def print_summary(report: dict) -> None:
+    kinds: dict[str, list[dict]] = {}
+    for name, r in report["layers"].items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(r)
+    print(f"{'layer':<10} {'count':>5} {'sparsity':>8} {'err before':>10} {'err after':>10} {'bytes/dense':>11}")
+    for kind, rs in kinds.items():
+        n = len(rs)
+        print(f"{kind:<10} {n:>5} {sum(r['sparsity'] for r in rs) / n:>8.3f} "
+              f"{sum(r['rel_error_before_correction'] for r in rs) / n:>10.4f} "
+              f"{sum(r['rel_error_after_correction'] for r in rs) / n:>10.4f} "
+              f"{sum(r['bytes']['bitmask'] for r in rs) / sum(r['bytes']['dense'] for r in rs):>11.3f}")
+    t = report["totals"]
+    print(f"linear layers: {t['linear_bytes_bitmask'] / 2**20:.1f} MiB vs {t['linear_dense_bytes'] / 2**20:.1f} MiB "
+          f"dense ({t['linear_ratio_bitmask']:.3f}; {t['linear_bytes_per_weight_bitmask']:.3f} bytes/weight, "
+          f"{t['linear_bytes_per_weight_combinatorial']:.3f} with the combinatorial code); whole model "
+          f"{t['model_ratio_bitmask']:.3f} of dense; {t['seconds']:.0f} s")
