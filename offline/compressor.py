@@ -159,7 +159,7 @@ class LayerResult:
 
 def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, pattern: Pattern,
                     spec: fmt.NM16Spec | None, outlier_kb: tuple[int, int] | None,
-                    value_dtype: torch.dtype) -> LayerResult:
+                    value_dtype: torch.dtype, hinv: torch.Tensor | None = None) -> LayerResult:
     """Prune one linear layer (fp32 weight W [out, in]) with its input statistics."""
     out_f, in_f = W.shape
     col_norm = st.H.diagonal().clamp_min(0).sqrt()
@@ -178,7 +178,7 @@ def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, patte
         Wp, keep = scoring.wanda_prune(W, col_norm, pattern, protect)
     else:
         Wp, keep = scoring.sparsegpt_prune(W, st.H, pattern, protect, blocksize=recipe.blocksize,
-                                           percdamp=recipe.percdamp)
+                                           percdamp=recipe.percdamp, hinv=hinv)
     # Round to the storage dtype first: corrections are computed for the weights that will actually be served.
     if protect is not None:
         # A group may hold more protected positions than M - N (large k): such kept slots hold zeros, so no weight
@@ -371,13 +371,16 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
             stop = stage[-1].names[0] if recipe.true_sequential else None
             st = collect_stats(block, xs, kwargs, reps, hessian=True, stop_after=stop)
             for g in stage:
+                hinv = None
+                if recipe.method == "sparsegpt":
+                    hinv = scoring.sparsegpt_hinv(st[g.names[0]].H, recipe.percdamp)
                 for n in g.names:
                     full = f"{prefix}.{n}"
                     if full in skip_names:
                         continue
                     mod = block.get_submodule(n)
                     res = compress_linear(full, mod.weight.float(), st[g.names[0]], recipe, pattern, spec,
-                                          outlier_kb, value_dtype)
+                                          outlier_kb, value_dtype, hinv)
                     _set_linear(mod, res.w_eff, res.shift)
                     results[full] = res
         xs = _run_block(block, xs, kwargs)

@@ -27,8 +27,8 @@ def covariance(H: torch.Tensor, xsum: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _quad_forms(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Row-wise a_i C b_i^T."""
-    return ((A @ C) * B).sum(dim=1)
+    """Row-wise a_i C b_i^T: the matrix product in float32 (the cost), the row sums in float64."""
+    return ((A.float() @ C.float()) * B.float()).sum(dim=1, dtype=torch.float64)
 
 
 def variance_scale(W: torch.Tensor, W_nm: torch.Tensor, W_out: torch.Tensor | None, C: torch.Tensor,

@@ -134,17 +134,24 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     raise RuntimeError("SparseGPT: the calibration Hessian is not positive definite even with heavy damping")
 
 
+def sparsegpt_hinv(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """The upper Cholesky factor of the damped inverse Hessian SparseGPT works with (layers reading the same input,
+    e.g. q/k/v, share it: compute it once)."""
+    return _inverse_cholesky_upper(H.to(torch.float32), percdamp)
+
+
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, protect: torch.Tensor | None = None, *,
-                    blocksize: int = 128, percdamp: float = 0.01):
+                    blocksize: int = 128, percdamp: float = 0.01, hinv: torch.Tensor | None = None):
     """SparseGPT (Frantar & Alistarh 2023): choose the mask block by block and update the remaining weights with the
-    optimal-brain-surgeon correction ``W[:, j:] -= err_i * Hinv[i, j:]`` (H = sum of x x^T over calibration tokens)."""
+    optimal-brain-surgeon correction ``W[:, j:] -= err_i * Hinv[i, j:]`` (H = sum of x x^T over calibration tokens;
+    ``hinv``: :func:`sparsegpt_hinv` of H, when already computed)."""
     W = W.clone().to(torch.float32)
     rows, cols = W.shape
     if pattern.structured and blocksize % pattern.m:
         raise ValueError(f"SparseGPT block size {blocksize} must be a multiple of M={pattern.m}")
     dead = torch.diag(H) == 0
     W[:, dead] = 0
-    Hinv = _inverse_cholesky_upper(H.to(torch.float32), percdamp)
+    Hinv = hinv if hinv is not None else sparsegpt_hinv(H, percdamp)
     prune = torch.zeros_like(W, dtype=torch.bool)
     prot = protect if protect is not None else torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
