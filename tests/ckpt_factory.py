@@ -97,14 +97,15 @@ def _key(*parts) -> str:
 
 def nm16_checkpoint(src: Path, name: str, *, n: int = 8, m: int = 16, outlier_block: int | None = None,
                     outliers_per_block: int = 0, has_scale: bool = False, has_shift: bool = False,
-                    ignore: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """A cached nm16 checkpoint of the dense HF folder ``src`` (see the module docstring)."""
+                    ignore: tuple[str, ...] = (), seed: int = 0, root: Path | None = None) -> Path:
+    """A cached nm16 checkpoint of the dense HF folder ``src`` (see the module docstring); ``root`` replaces the
+    cache folder (e.g. a pytest tmp folder for checkpoints of temporary models)."""
     src = Path(src)
     spec = fmt.NM16Spec(n=n, m=m, outlier_block=outlier_block, outliers_per_block=outliers_per_block,
                         has_scale=has_scale, has_shift=has_shift, ignore=tuple(ignore),
                         recipe={"tool": "tests/ckpt_factory.py", "method": "magnitude"})
     src_stat = sorted((f.name, f.stat().st_size) for f in src.glob("*.safetensors"))
-    dst = CACHE / f"{name}-{_key(str(src.resolve()), src_stat, spec.to_config(), seed)}"
+    dst = Path(root or CACHE) / f"{name}-{_key(str(src.resolve()), src_stat, spec.to_config(), seed)}"
     if (dst / "model.safetensors").is_file():
         return dst
     config = json.loads((src / "config.json").read_text())
