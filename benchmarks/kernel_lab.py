@@ -48,39 +48,40 @@ def nm16_bytes(N: int, K: int, M: int, outliers: bool, pos_mode: str, k: int = 4
 def gemv_configs(M: int, quick: bool) -> list[dict]:
     bm = min(8, 1 << max(0, (M - 1).bit_length()))
     if M == 1:
-        space = list(itertools.product([1, 2, 4, 8], [32, 64, 128], [4])) + [(4, 128, 8), (8, 128, 8)]
-    elif M <= 4:
-        space = itertools.product([2, 4, 8], [16, 32], [4])
+        space = [(1, 128, 4), (2, 64, 4), (4, 64, 4), (2, 32, 4), (1, 64, 4), (2, 64, 8)]
     else:
-        space = itertools.product([1, 2, 4], [8, 16], [4])
-    out = [{"kernel": "gemv", "BM": bm, "BN": bn, "BG": bg, "BO": 16, "num_warps": w, "num_stages": 2}
-           for bn, bg, w in space]
-    return out[:6] if quick else out
+        space = [(2, 32, 4), (4, 16, 4), (2, 16, 4)]
+    return [{"kernel": "gemv", "BM": bm, "BN": bn, "BG": bg, "BO": 64, "num_warps": w, "num_stages": 2,
+             "out_in_loop": False} for bn, bg, w in space]
 
 
 def dot_configs(M: int, quick: bool) -> list[dict]:
+    # (BM, BN, BG, warps, stages, split_k)
     if M <= 16:
-        space = [(16, bn, bg, 4, 3) for bn in (32, 64, 128) for bg in (2, 4)]
+        space = [(16, 16, 8, 1, 3, sk) for sk in (1, 2, 4, 8)] + [(16, 32, 8, 2, 3, sk) for sk in (1, 2, 4, 8)] + \
+                [(16, 64, 8, 4, 3, sk) for sk in (2, 4, 8)] + [(16, 32, 4, 1, 3, 4), (16, 16, 16, 1, 2, 4)]
     elif M <= 64:
-        space = [(min(64, max(16, M)), bn, bg, w, 3) for bn in (64, 128) for bg in (2, 4) for w in (4, 8)]
+        space = [(64, 64, 8, 4, 3, sk) for sk in (1, 2, 4)] + [(64, 32, 8, 2, 3, sk) for sk in (1, 2, 4)] + \
+                [(32, 64, 8, 4, 3, 2), (64, 128, 8, 8, 3, 2)]
     elif M <= 256:
-        space = [(bm, bn, bg, 8, 3) for bm in (64, 128) for bn in (128,) for bg in (2, 4)]
+        space = [(128, 64, 4, 4, 3, 1), (128, 64, 8, 4, 3, 2), (256, 64, 4, 4, 3, 1)]
     else:
-        space = [(bm, bn, bg, 8, s) for bm, bn in ((128, 128), (128, 256), (256, 128)) for bg in (2, 4)
-                 for s in (3,)]
-    out = [{"kernel": "dot", "BM": bm, "BN": bn, "BG": bg, "GROUP_M": 8, "num_warps": w, "num_stages": s}
-           for bm, bn, bg, w, s in space]
-    return out[:4] if quick else out
+        space = [(256, 64, 4, 4, 3, 1), (256, 64, 8, 4, 3, 1), (256, 128, 4, 8, 3, 1), (128, 128, 4, 8, 3, 1),
+                 (256, 64, 4, 4, 4, 1)]
+    return [{"kernel": "dot", "BM": bm, "BN": bn, "BG": bg, "GROUP_M": 8, "num_warps": w, "num_stages": st,
+             "SPLIT_K": sk} for bm, bn, bg, w, st, sk in space]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="lab.json")
-    ap.add_argument("--shapes", default="4096x4096,28672x4096,4096x14336")
-    ap.add_argument("--ms", default="1,16,64,4,8,1024,4096")
-    ap.add_argument("--modes", default="lut16,nibble32")
+    ap.add_argument("--shapes", default="4096x4096,28672x4096,4096x14336,6144x4096")
+    ap.add_argument("--ms", default="1,16,64,2,4,8,256,1024")
+    ap.add_argument("--modes", default="lut16")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gemv-max-m", type=int, default=4)
+    ap.add_argument("--dot-min-m", type=int, default=2)
     args = ap.parse_args()
     t_start = time.time()
     torch.manual_seed(0)
@@ -110,9 +111,9 @@ def main() -> None:
             cands = []
             for mode in modes:
                 # The position modes are compared where they matter most (M = 1 gemv, M = 16 dot); else lut16.
-                if M <= 16 and (mode == modes[0] or M == 1):
+                if M <= args.gemv_max_m and (mode == modes[0] or M == 1):
                     cands += [(mode, cfg) for cfg in gemv_configs(M, args.quick)]
-                if M >= 16 and (mode == modes[0] or M == 16):
+                if M >= args.dot_min_m and (mode == modes[0] or M == 16):
                     cands += [(mode, cfg) for cfg in dot_configs(M, args.quick)]
             for mode, cfg in cands:
                 wv, wm, ov2, oi2 = packed[mode]
@@ -144,6 +145,14 @@ def main() -> None:
                     for with_out in (False, True):
                         rs = [r for r in results["rows"] if r["N"] == N and r["K"] == K and r["M"] == M
                               and r["mode"] == mode and r["cfg"]["kernel"] == kern and r["outliers"] == with_out]
+                        if kern == "gemv" and with_out and M == 1:
+                            for flag in (True, False):
+                                fs = [r for r in rs if r["cfg"].get("out_in_loop", True) == flag]
+                                if fs:
+                                    b = min(fs, key=lambda r: r["us"])
+                                    summary.append((shape, M, mode, kern, with_out, b["us"], dense_us,
+                                                    b["speedup"], b["pct_of_floor"], b["cfg"]))
+                            continue
                         if rs:
                             b = min(rs, key=lambda r: r["us"])
                             summary.append((shape, M, mode, kern, with_out, b["us"], dense_us, b["speedup"],
@@ -154,7 +163,8 @@ def main() -> None:
     print("\nshape        M  mode      kern  out   nm16_us dense_us speedup %floor  config")
     for s in summary:
         c = s[9]
-        cs = f"BM{c['BM']} BN{c['BN']} BG{c['BG']} w{c['num_warps']} s{c['num_stages']}"
+        cs = f"BM{c['BM']} BN{c['BN']} BG{c['BG']} w{c['num_warps']} s{c['num_stages']} sk{c.get('SPLIT_K', 1)}" + \
+            (" sepOut" if c.get("out_in_loop") is False else "")
         print(f"{s[0]:<11} {s[1]:>4} {s[2]:<9} {s[3]:<5} {str(s[4]):<5} {s[5]:8.1f} {s[6]:8.1f} {s[7]:6.2f} "
               f"{s[8]:6.1f}  {cs}")
     print(f"total {time.time() - t_start:.0f}s")

@@ -57,16 +57,6 @@ def pick_config(N: int, K: int, M: int, *, n: int = 8, m: int = 16, outlier_bloc
     bucket = m_bucket(M)
     cfg = dict(_table().get(table_key(N, K, bucket)) or heuristic_config(N, K, M))
     if cfg["kernel"] == "dot":
-        BG = cfg["BG"]
-        while BG * m < 16:
-            BG *= 2
-        if outlier_block is not None:
-            while BG > 1 and outlier_block % (BG * m):
-                BG //= 2
-        if BG * m < 16:
-            # No legal tl.dot step (e.g. 2:4 with an outlier block of 4*odd columns): the gemv kernel
-            # handles any shape.
-            bm = min(8, 1 << max(0, (M - 1).bit_length()))
-            return {"kernel": "gemv", "BM": bm, "BN": 4, "BG": 16, "BO": 16, "num_warps": 4, "num_stages": 2}
-        cfg["BG"] = BG
+        while cfg["BG"] * m < 16:  # tl.dot needs K steps of >= 16 columns
+            cfg["BG"] *= 2
     return cfg

@@ -16,6 +16,7 @@ into the decoded tile), the per-row scale (N:M part only), shift and bias into t
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -204,10 +205,14 @@ def _group_words(wm_ptr, lut_ptr, offs_n, offs_g, g_ok, G, POS_MODE: tl.constexp
 def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
                      M, N, K, stride_xm, stride_ym,
                      NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr,
-                     OB: tl.constexpr, OK: tl.constexpr, OKP: tl.constexpr,
+                     OB: tl.constexpr, OK: tl.constexpr,
                      HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, DOT_FP32: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, GROUP_M: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
+                     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, G_PER_SPLIT: tl.constexpr, ws_ptr):
+    # Computes the transposed tile acc[BN, BM] = W_tile @ x_tile.T: the decoded weight is the MMA's A operand
+    # (the side that may come from registers), x the B operand, and a small M becomes the MMA's narrow N side
+    # (n = 16 is a legal wgmma/mma shape) instead of padding it up to 64 rows.
     BK: tl.constexpr = BG * MG
     # Grouped launch order: GROUP_M consecutive programs share one W tile column, so it is decoded from L2-hot bytes.
     pid = tl.program_id(0)
@@ -228,20 +233,19 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
     offs_j = tl.arange(0, MG)
     offs_k = tl.arange(0, BK)
     w_rows = wv_ptr + offs_n_ld[:, None, None] * (G * NK)
-    if HAS_OUT and HAS_SCALE:
-        scale = tl.load(scale_ptr + offs_n_ld)
-    if HAS_OUT:
-        KO = (K // OB) * OK
-        offs_t = tl.arange(0, OKP)
-        t_ok = offs_t < OK
+    # Split-K (small M on narrow layers): program_id(1) takes groups [g_start, g_end); G_PER_SPLIT is a multiple
+    # of BG and of the outlier block, so each split also owns whole outlier blocks.
+    ks = tl.program_id(1)
+    g_start = ks * G_PER_SPLIT
+    g_end = tl.minimum(G, g_start + G_PER_SPLIT)
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for g0 in range(0, G, BG):
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for g0 in range(g_start, g_end, BG):
         offs_g = g0 + tl.arange(0, BG)
         if EVEN_G:
             g_ok = offs_g >= 0
         else:
-            g_ok = offs_g < G
+            g_ok = offs_g < g_end
         v = tl.load(w_rows + offs_g[None, :, None] * NK + offs_i[None, None, :], mask=g_ok[None, :, None],
                     other=0.0)
         if NK == 8 and MG == 16 and POS_MODE != 2:
@@ -251,31 +255,55 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
             # Generic N:M: dense[n, g, j] = the kept value whose position is j (at most one matches), else 0.
             pos = _positions(wm_ptr, lut_ptr, offs_n_ld, offs_g, g_ok, G, NK, POS_MODE)
             hit = pos[:, :, :, None] == offs_j[None, None, None, :]
-            dense = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, :, None], 0.0), axis=2)  # [BN, BG, MG]
+            dense = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, :, None], 0.0), axis=2).to(v.dtype)
             dense = tl.reshape(dense, (BN, BK))
-        if HAS_OUT:
-            dense = dense.to(tl.float32)
-            # The tile lies inside one outlier block (launcher: OB % BK == 0): add that block's k outliers.
-            # Scale goes into the tile first because it multiplies only the N:M part.
-            if HAS_SCALE:
-                dense = dense * scale[:, None]
-            c0 = g0 * MG
-            blk = c0 // OB
-            o_off = offs_n_ld[:, None] * KO + blk * OK + offs_t[None, :]
-            ov = tl.load(ov_ptr + o_off, mask=t_ok[None, :], other=0.0).to(tl.float32)
-            oi = tl.load(oi_ptr + o_off, mask=t_ok[None, :], other=0).to(tl.int32) & 0xFFFF
-            local = blk * OB + oi - c0                                # [BN, OKP] column inside the tile
-            hit_o = (local[:, :, None] == offs_k[None, None, :]) & t_ok[None, :, None]
-            dense += tl.sum(tl.where(hit_o, ov[:, :, None], 0.0), axis=1)
         cols = g0 * MG + offs_k
         xt = tl.load(x_ptr + offs_m_ld[:, None] * stride_xm + cols[None, :], mask=(cols < K)[None, :], other=0.0)
         if DOT_FP32:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(dense.to(tl.float32)), input_precision="ieee")
+            acc += tl.dot(dense.to(tl.float32), tl.trans(xt.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(xt, tl.trans(dense.to(xt.dtype)))
+            acc += tl.dot(dense, tl.trans(xt))
 
-    _epilogue(acc, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
-              HAS_SCALE and not HAS_OUT, HAS_SHIFT, HAS_BIAS)
+    if HAS_SCALE:  # scale multiplies the N:M part only, so before the outliers are added
+        acc = acc * tl.load(scale_ptr + offs_n_ld)[:, None]
+    if HAS_OUT:
+        # Outliers after the main loop: gather x at each outlier's column for all BM rows (they are 1/64 of the
+        # kept values at the default budget, so CUDA-core FMAs suffice).
+        KO = (K // OB) * OK
+        o_end = (g_end * MG // OB) * OK
+        for o0 in range((g_start * MG // OB) * OK, o_end, BO):
+            offs_o = o0 + tl.arange(0, BO)
+            o_ok = offs_o < o_end
+            o_off = offs_n_ld[:, None] * KO + offs_o[None, :]
+            ov = tl.load(ov_ptr + o_off, mask=o_ok[None, :], other=0.0).to(tl.float32)
+            oi = tl.load(oi_ptr + o_off, mask=o_ok[None, :], other=0).to(tl.int32) & 0xFFFF
+            ocol = (offs_o[None, :] // OK) * OB + oi                              # [BN, BO]
+            xo = tl.load(x_ptr + offs_m_ld[None, None, :] * stride_xm + ocol[:, :, None],
+                         mask=o_ok[None, :, None], other=0.0).to(tl.float32)     # [BN, BO, BM]
+            acc += tl.sum(xo * ov[:, :, None], axis=1)
+    if SPLIT_K == 1:
+        _epilogue(tl.trans(acc), y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N,
+                  stride_ym, False, HAS_SHIFT, HAS_BIAS)
+    else:
+        # fp32 partial sums to ws[ks]; _split_k_reduce adds them in a fixed order (deterministic, no atomics).
+        ws_ptrs = ws_ptr + ks * M * N + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
+def _split_k_reduce(ws_ptr, shift_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=ok, other=0.0)
+    n = offs % N
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + n, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 last_compiled = None
@@ -311,18 +339,30 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
             bias if bias is not None else dummy, y, M, N, K, x2d.stride(0), y.stride(0))
     if cfg["kernel"] == "dot":
         BM, BN, BG = cfg["BM"], cfg["BN"], cfg["BG"]
-        if has_out:
-            while BG > 1 and (outlier_block % (BG * m)):
-                BG //= 2  # a tile must sit inside one outlier block
-        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-        compiled = _nm16_dot_kernel[grid](*args, **common, OKP=_next_pow2(common["OK"]), EVEN_G=G % BG == 0,
-                               DOT_FP32=_interpreted(), BM=BM, BN=BN, BG=BG, GROUP_M=cfg.get("GROUP_M", 8),
-                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        BO = max(1, min(32, 4096 // (BN * BM)))
+        split = max(1, cfg.get("SPLIT_K", 1))
+        # Each split owns whole K steps and whole outlier blocks.
+        unit = BG if not has_out else math.lcm(BG, outlier_block // m)
+        g_per = triton.cdiv(triton.cdiv(G, split), unit) * unit
+        split = triton.cdiv(G, g_per)
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
+        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
+        compiled = _nm16_dot_kernel[grid](*args, **common, EVEN_G=G % BG == 0 and G % g_per == 0,
+                                          DOT_FP32=_interpreted(), BM=BM, BN=BN, BG=BG, BO=BO,
+                                          GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, G_PER_SPLIT=g_per,
+                                          ws_ptr=ws, num_warps=cfg.get("num_warps", 4),
+                                          num_stages=cfg.get("num_stages", 3))
+        if split > 1:
+            block = 1024
+            _split_k_reduce[(triton.cdiv(M * N, block),)](
+                ws, shift if shift is not None else dummy, bias if bias is not None else dummy, y, M, N,
+                y.stride(0), SPLIT_K=split, HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, BLOCK=block,
+                num_warps=4)
     else:
         BM, BN, BG = cfg["BM"], cfg["BN"], cfg["BG"]
         grid = (triton.cdiv(N, BN), triton.cdiv(M, BM))
         step = BG * m
-        out_in_loop = has_out and step % outlier_block == 0
+        out_in_loop = has_out and step % outlier_block == 0 and cfg.get("out_in_loop", True)
         BO = _next_pow2(step // outlier_block * outliers_per_block) if out_in_loop else cfg.get("BO", 16)
         compiled = _nm16_gemv_kernel[grid](*args, **common, EVEN_G=G % BG == 0, OUT_IN_LOOP=out_in_loop,
                                            BM=BM, BN=BN, BG=BG, BO=BO,
