@@ -36,4 +36,12 @@ def evaluate(model_or_ckpt, text, *, seqlen: int = 512, stride: int | None = Non
     raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
 
 
-__all__ = ["compress", "evaluate"]
+def __getattr__(name: str):
+    if name == "CompressError":  # lazily, so `import offline` stays cheap
+        from offline.api import CompressError
+
+        return CompressError
+    raise AttributeError(f"module 'offline' has no attribute {name!r}")
+
+
+__all__ = ["compress", "evaluate", "CompressError"]

@@ -61,7 +61,11 @@ class Recipe:
         if self.equalize is not None and not 0 <= self.equalize <= 1:
             raise ValueError(f"equalize alpha must be in [0, 1], got {self.equalize}")
         if self.outliers not in (None, "auto"):
-            outliers.parse_outliers(self.outliers)
+            kb = outliers.parse_outliers(self.outliers)
+            pattern = Pattern.parse(self.pattern)
+            if kb and pattern.structured and kb[1] % pattern.m:
+                raise ValueError(f"outlier block B={kb[1]} must be a multiple of M={pattern.m} "
+                                 f"(pattern {self.pattern})")
         if self.mean_shift and not self.packable:
             raise ValueError("the mean shift needs a packable nm16 output (an N:M pattern with structured outliers)")
 
@@ -82,6 +86,8 @@ def resolve_outliers(text: str | None, in_features: list[int], m: int | None) ->
         return None
     if text != "auto":
         return outliers.parse_outliers(text)
+    if m is not None:  # layers whose in_features M does not divide stay dense anyway: they do not constrain B
+        in_features = [f for f in in_features if f % m == 0]
     for b in AUTO_BLOCKS:
         if (m is None or b % m == 0) and all(f % b == 0 for f in in_features):
             return b // AUTO_OUTLIER_DENSITY, b
@@ -252,6 +258,22 @@ def _set_linear(mod: torch.nn.Linear, w_eff: torch.Tensor, shift: torch.Tensor |
         mod.register_forward_hook(add_shift)
 
 
+@torch.no_grad()
+def equalize_block(block, groups, xs, kwargs, alpha: float, *, heads: int, kv_heads: int, head_dim: int) -> None:
+    """SmoothQuant-like equalization of one decoder block, in place, with 1/s folded into the norms and producing
+    rows (see :mod:`offline.equalize`): the block computes the same function afterwards. The per-channel input maxima
+    of every group are collected in one pass before any fold (each fold leaves every group's input unchanged)."""
+    reps = {g.names[0]: block.get_submodule(g.names[0]) for g in groups}
+    st = collect_stats(block, xs, kwargs, reps, hessian=False, stop_after=None)
+    for g in groups:
+        mods = [block.get_submodule(n) for n in g.names]
+        if g.fold_kind == "norm":
+            equalize.fold_into_norm(block.get_submodule(g.fold_into), mods, st[g.names[0]].absmax, alpha)
+        else:
+            index = equalize.gqa_index(heads, kv_heads, head_dim) if g.fold_into.endswith("v_proj") else None
+            equalize.fold_into_rows(block.get_submodule(g.fold_into), mods[0], st[g.names[0]].absmax, alpha, index)
+
+
 def capture_block_inputs(model, samples: torch.Tensor, batch: int, device):
     """Embedded calibration inputs of the first decoder block (list of fp32 chunks) and the keyword arguments the
     model passes to its decoder layers (causal mask, fp32 rotary embeddings)."""
@@ -353,17 +375,7 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
         block = layers[i].to(device=device, dtype=torch.float32)
         prefix = f"model.layers.{i}"
         if recipe.equalize is not None:
-            reps = {g.names[0]: block.get_submodule(g.names[0]) for g in groups}
-            st = collect_stats(block, xs, kwargs, reps, hessian=False, stop_after=None)
-            for g in groups:
-                mods = [block.get_submodule(n) for n in g.names]
-                if g.fold_kind == "norm":
-                    equalize.fold_into_norm(block.get_submodule(g.fold_into), mods, st[g.names[0]].absmax,
-                                            recipe.equalize)
-                else:
-                    index = (equalize.gqa_index(heads, kv, head_dim) if g.fold_into.endswith("v_proj") else None)
-                    equalize.fold_into_rows(block.get_submodule(g.fold_into), mods[0], st[g.names[0]].absmax,
-                                            recipe.equalize, index)
+            equalize_block(block, groups, xs, kwargs, recipe.equalize, heads=heads, kv_heads=kv, head_dim=head_dim)
         stage_groups = groups if recipe.true_sequential else (groups,)
         for stage in stage_groups:
             stage = stage if isinstance(stage, tuple) else (stage,)
