@@ -46,6 +46,18 @@ def vllm_version() -> tuple[int, ...]:
     return tuple(parts)
 
 
+def current_model_path() -> str | None:
+    """The model path of the VllmConfig being built in this process (None when there is none). vLLM >= 0.3x also
+    passes it to ``QuantizationConfig.maybe_update_config``; older builds (0.26) may not call that hook."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        cfg = get_current_vllm_config()
+        return getattr(getattr(cfg, "model_config", None), "model", None)
+    except Exception:  # noqa: BLE001 - no config context: the caller skips the check
+        return None
+
+
 def _shim_dir(site: Path, version: str) -> Path:
     return site / f"vllm-{version}.dist-info"
 

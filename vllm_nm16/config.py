@@ -30,6 +30,7 @@ class NM16Config(QuantizationConfig):
     def __init__(self, spec: fmt.NM16Spec) -> None:
         super().__init__()  # creates packed_modules_mapping, filled in by vLLM from the model class
         self.spec = spec
+        self.names_checked = False
 
     def __repr__(self) -> str:
         return (f"NM16Config(pattern={self.spec.pattern}, outlier_block={self.spec.outlier_block}, "
@@ -66,8 +67,17 @@ class NM16Config(QuantizationConfig):
             return fmt.QUANT_METHOD
         return None
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        # Called once by VllmConfig (vLLM >= 0.3x) with the checkpoint path: refuse unknown tensors before any loading.
+        self.check_tensor_names(model_name)
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+        if not self.names_checked:  # vLLM builds without the maybe_update_config hook
+            from vllm_nm16 import compat
+
+            self.check_tensor_names(compat.current_model_path())
 
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, attention: dense
@@ -78,6 +88,25 @@ class NM16Config(QuantizationConfig):
         return NM16LinearMethod(self, prefix)
 
     # ------------------------------------------------------------------------------------------------------ helpers
+    def check_tensor_names(self, model_dir) -> None:
+        """Refuse checkpoint tensors vLLM would mis-handle: vLLM's fused layers (qkv_proj, gate_up_proj) route an
+        unknown tensor name into an unrelated loader and fail with an AttributeError that names nothing, so every
+        tensor of a packed layer must be one the spec declares, and a fused-away module stored dense must be listed in
+        'ignore'. Reads only the safetensors headers."""
+        from pathlib import Path
+
+        self.names_checked = True
+        folder = Path(model_dir) if model_dir else None
+        if folder is None or not folder.is_dir():
+            return  # not a local folder (hub id): nothing to read here
+        from safetensors import safe_open
+
+        keys: list[str] = []
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                keys.extend(fh.keys())
+        check_names(keys, self.spec, self.fused_modules())
+
     def fused_modules(self) -> dict[str, list[str]]:
         return dict(self.packed_modules_mapping or {}) or dict(DEFAULT_FUSED_MODULES)
 
@@ -99,3 +128,29 @@ class NM16Config(QuantizationConfig):
                 f"{[n for n in names if n not in ignored]}; vLLM fuses them into one layer ({prefix}), so they must "
                 f"be all dense or all packed")
         return bool(ignored)
+
+
+def check_names(keys, spec: fmt.NM16Spec, fused_modules: dict[str, list[str]]) -> None:
+    """Raise NM16FormatError naming the first tensor that has no place in an nm16 checkpoint of ``spec``."""
+    nm16_suffixes = {fmt.VALUES, fmt.MASK, fmt.OUTLIER_VALUES, fmt.OUTLIER_INDEX, fmt.SCALE, fmt.SHIFT}
+    allowed = set(fmt.expected_tensors(spec, 1, spec.k_multiple(), torch.bfloat16)) | {"bias"}
+    by_prefix: dict[str, set[str]] = {}
+    for key in keys:
+        prefix, _, suffix = key.rpartition(".")
+        by_prefix.setdefault(prefix, set()).add(suffix)
+    fused_leaves = {leaf for parts in fused_modules.values() for leaf in parts}
+    for prefix, suffixes in sorted(by_prefix.items()):
+        packed = suffixes & nm16_suffixes
+        if packed and prefix in spec.ignore:
+            raise fmt.NM16FormatError(f"nm16: {prefix}.{sorted(packed)[0]}: the module is listed in 'ignore' "
+                                      f"(dense) but stored packed")
+        if packed:
+            extra = sorted(suffixes - allowed)
+            if extra:
+                raise fmt.NM16FormatError(
+                    f"nm16: {prefix}.{extra[0]}: unexpected tensor in a packed layer (expected only "
+                    f"{sorted(allowed)} for {spec.pattern}, outliers={spec.has_outliers}, scale={spec.has_scale}, "
+                    f"shift={spec.has_shift})")
+        elif prefix.rpartition(".")[2] in fused_leaves and "weight" in suffixes and prefix not in spec.ignore:
+            raise fmt.NM16FormatError(f"nm16: {prefix}.weight: stored dense but not listed in "
+                                      f"quantization_config 'ignore'")
