@@ -48,11 +48,12 @@ def nm16_bytes(N: int, K: int, M: int, outliers: bool, pos_mode: str, k: int = 4
 def gemv_configs(M: int, quick: bool) -> list[dict]:
     bm = min(8, 1 << max(0, (M - 1).bit_length()))
     if M == 1:
-        space = [(1, 128, 4), (2, 64, 4), (4, 64, 4), (2, 32, 4), (1, 64, 4), (2, 64, 8)]
+        space = [(1, 128, 4, p) for p in (0, 8, 16)] + [(2, 64, 4, p) for p in (0, 8, 16)] + \
+                [(1, 64, 4, 16), (2, 128, 4, 8), (4, 64, 4, 8), (1, 128, 8, 8)]
     else:
-        space = [(2, 32, 4), (4, 16, 4), (2, 16, 4)]
+        space = [(2, 32, 4, p) for p in (0, 8, 16)] + [(4, 16, 4, 0), (2, 64, 4, 8)]
     return [{"kernel": "gemv", "BM": bm, "BN": bn, "BG": bg, "BO": 64, "num_warps": w, "num_stages": 2,
-             "out_in_loop": False} for bn, bg, w in space]
+             "out_in_loop": False, "persistent": p} for bn, bg, w, p in space]
 
 
 def dot_configs(M: int, quick: bool) -> list[dict]:
@@ -164,6 +165,7 @@ def main() -> None:
     for s in summary:
         c = s[9]
         cs = f"BM{c['BM']} BN{c['BN']} BG{c['BG']} w{c['num_warps']} s{c['num_stages']} sk{c.get('SPLIT_K', 1)}" + \
+            f" p{c.get('persistent', 0)}" + \
             (" sepOut" if c.get("out_in_loop") is False else "")
         print(f"{s[0]:<11} {s[1]:>4} {s[2]:<9} {s[3]:<5} {str(s[4]):<5} {s[5]:8.1f} {s[6]:8.1f} {s[7]:6.2f} "
               f"{s[8]:6.1f}  {cs}")

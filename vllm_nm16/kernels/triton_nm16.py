@@ -67,15 +67,14 @@ def _epilogue(acc, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n
 
 
 @triton.jit
-def _nm16_gemv_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
-                      M, N, K, stride_xm, stride_ym,
-                      NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr,
-                      OB: tl.constexpr, OK: tl.constexpr,
-                      HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, OUT_IN_LOOP: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+def _gemv_tile(pid_n, pid_m, x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
+               M, N, K, stride_xm, stride_ym,
+               NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr,
+               OB: tl.constexpr, OK: tl.constexpr,
+               HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+               HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, OUT_IN_LOOP: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr):
+    """One [BM rows of x] x [BN output rows] tile of the decode kernel, all of K."""
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     # Clamp instead of masking: out-of-range rows re-read a valid row (never stored), so the hot loads carry no mask.
@@ -140,6 +139,29 @@ def _nm16_gemv_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr,
     else:
         _epilogue(out, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
                   HAS_SCALE, HAS_SHIFT, HAS_BIAS)
+
+
+@triton.jit
+def _nm16_gemv_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
+                      M, N, K, stride_xm, stride_ym,
+                      NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr,
+                      OB: tl.constexpr, OK: tl.constexpr,
+                      HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, OUT_IN_LOOP: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
+                      PERSISTENT: tl.constexpr):
+    # PERSISTENT: a grid of a few programs per SM walks the row tiles (fewer, longer-lived programs: no tail of
+    # thousands of tiny CTAs); otherwise one program per tile.
+    pid_m = tl.program_id(1)
+    if PERSISTENT:
+        for pid_n in range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0)):
+            _gemv_tile(pid_n, pid_m, x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
+                       y_ptr, M, N, K, stride_xm, stride_ym, NK, MG, POS_MODE, OB, OK, HAS_OUT, HAS_SCALE,
+                       HAS_SHIFT, HAS_BIAS, EVEN_G, OUT_IN_LOOP, BM, BN, BG, BO)
+    else:
+        _gemv_tile(tl.program_id(0), pid_m, x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr,
+                   bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, NK, MG, POS_MODE, OB, OK, HAS_OUT, HAS_SCALE,
+                   HAS_SHIFT, HAS_BIAS, EVEN_G, OUT_IN_LOOP, BM, BN, BG, BO)
 
 
 @triton.jit
@@ -307,6 +329,16 @@ def _split_k_reduce(ws_ptr, shift_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT_K
 
 
 last_compiled = None
+_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 def _next_pow2(v: int) -> int:
@@ -360,12 +392,16 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
                 num_warps=4)
     else:
         BM, BN, BG = cfg["BM"], cfg["BN"], cfg["BG"]
-        grid = (triton.cdiv(N, BN), triton.cdiv(M, BM))
+        tiles = triton.cdiv(N, BN)
+        per_sm = cfg.get("persistent", 0)  # programs per SM, 0 = one program per tile
+        if per_sm:
+            tiles = min(tiles, per_sm * _num_sms(x2d.device))
+        grid = (tiles, triton.cdiv(M, BM))
         step = BG * m
         out_in_loop = has_out and step % outlier_block == 0 and cfg.get("out_in_loop", True)
         BO = _next_pow2(step // outlier_block * outliers_per_block) if out_in_loop else cfg.get("BO", 16)
         compiled = _nm16_gemv_kernel[grid](*args, **common, EVEN_G=G % BG == 0, OUT_IN_LOOP=out_in_loop,
-                                           BM=BM, BN=BN, BG=BG, BO=BO,
+                                           BM=BM, BN=BN, BG=BG, BO=BO, PERSISTENT=bool(per_sm),
                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
     global last_compiled
     last_compiled = compiled  # for the lab's register/SASS report
