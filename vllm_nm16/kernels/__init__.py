@@ -21,14 +21,16 @@ __all__ = ["repack", "nm16_linear", "reference_linear", "POS_LUT16", "POS_NIBBLE
 def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch.Tensor | None,
                 oi: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
                 bias: torch.Tensor | None, *, n: int, m: int, outlier_block: int | None, outliers_per_block: int,
-                in_features: int, out_features: int, config: dict | None = None) -> torch.Tensor:
+                in_features: int, out_features: int, config: dict | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """[M, in_features] x -> [M, out_features] in x's dtype. ``wv, wm, ov, oi`` come from :func:`repack`;
-    scale/shift fp32 [out] or None, bias [out] in x's dtype or None."""
+    scale/shift fp32 [out] or None, bias [out] in x's dtype or None. ``config`` overrides the tuned launch config
+    and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests poison it)."""
     from vllm_nm16.kernels.triton_nm16 import nm16_linear as _impl  # noqa: PLC0415  (lazy: Triton import)
 
     return _impl(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
                  outliers_per_block=outliers_per_block, in_features=in_features, out_features=out_features,
-                 config=config)
+                 config=config, out=out)
 
 
 def reference_linear(x2d: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

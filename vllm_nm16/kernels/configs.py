@@ -14,7 +14,7 @@ from pathlib import Path
 TABLE_PATH = Path(__file__).with_name("configs_h100.json")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Largest M the gemv (CUDA-core, gather-x) kernel serves by default; above it the tile is decoded for tl.dot.
-GEMV_MAX_M = 8
+GEMV_MAX_M = 2
 
 
 def m_bucket(M: int) -> int:
@@ -36,19 +36,31 @@ def table_key(N: int, K: int, bucket: int) -> str:
 
 
 def heuristic_config(N: int, K: int, M: int) -> dict:
+    """Rules distilled from the H100 lab runs (benchmarks/lab/lab*_h100.json, docs/KERNELS.md)."""
     bucket = m_bucket(M)
+    wide = N >= 16384          # enough output rows to fill 132 SMs without splitting K
+    deep = K >= 8192
     if bucket <= GEMV_MAX_M:
-        # Keep ~2-4K kept values per program and step (16-32 registers of accumulator per thread), small BN so that
-        # even N = 4096 gives ~1000 programs: many independent 16-byte loads in flight per SM.
-        BN, BG = {1: (4, 64), 2: (4, 32), 4: (4, 16), 8: (2, 16)}[bucket]
-        return {"kernel": "gemv", "BM": bucket, "BN": BN, "BG": BG, "BO": 16, "num_warps": 4, "num_stages": 2}
+        # gemv: ~1K kept values per program and step; 4 warps and 32 registers give full occupancy, which this
+        # latency-bound loop needs (a persistent grid measured no better). Outliers in their own short loop.
+        BN, BG = {1: (2, 64), 2: (2, 32)}[bucket]
+        return {"kernel": "gemv", "BM": bucket, "BN": BN, "BG": BG, "BO": 64, "num_warps": 4, "num_stages": 2,
+                "out_in_loop": False}
     if bucket <= 16:
-        return {"kernel": "dot", "BM": 16, "BN": 64, "BG": 4, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+        # One warp per 16x16 (or 16x32) tile and split-K: thousands of small programs keep the decode ALUs busy.
+        if wide:
+            return {"kernel": "dot", "BM": 16, "BN": 32, "BG": 4, "num_warps": 1, "num_stages": 3, "SPLIT_K": 4}
+        return {"kernel": "dot", "BM": 16, "BN": 16, "BG": 8, "num_warps": 1, "num_stages": 3,
+                "SPLIT_K": 4 if deep else 2}
     if bucket <= 64:
-        return {"kernel": "dot", "BM": bucket, "BN": 64, "BG": 4, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+        if deep and not wide:
+            return {"kernel": "dot", "BM": bucket, "BN": 32, "BG": 8, "num_warps": 2, "num_stages": 3,
+                    "SPLIT_K": 4}
+        return {"kernel": "dot", "BM": bucket, "BN": 64, "BG": 8, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}
     if bucket <= 128:
-        return {"kernel": "dot", "BM": 64, "BN": 128, "BG": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return {"kernel": "dot", "BM": 128, "BN": 128, "BG": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        return {"kernel": "dot", "BM": 128, "BN": 64, "BG": 4, "num_warps": 4, "num_stages": 3, "GROUP_M": 8}
+    # Large M: the widest BM amortises each decoded W tile over the most rows of x.
+    return {"kernel": "dot", "BM": 256, "BN": 64, "BG": 4, "num_warps": 4, "num_stages": 3, "GROUP_M": 8}
 
 
 def pick_config(N: int, K: int, M: int, *, n: int = 8, m: int = 16, outlier_block: int | None = None) -> dict:

@@ -346,7 +346,7 @@ def _next_pow2(v: int) -> int:
 
 
 def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block, outliers_per_block,
-                in_features, out_features, config=None):
+                in_features, out_features, config=None, out=None):
     """See vllm_nm16.kernels.nm16_linear. ``config`` (a dict like configs.pick_config's) overrides the table."""
     M, K = x2d.shape
     N = out_features
@@ -356,7 +356,7 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
         x2d = x2d.contiguous()
     pos_mode = _POS_MODE_OF_DTYPE[wm.dtype]
     has_out = bool(outliers_per_block)
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
     if M == 0:
         return y
     lut = lut_for(x2d.device) if pos_mode == 0 else wm

@@ -1,0 +1,79 @@
+"""Kernel correctness cases, shared by tests/test_kernels.py: run under TRITON_INTERPRET=1 in a subprocess (CPU, CI)
+and directly on CUDA (GPU-only tests). ``python tests/kernel_cases.py DEVICE`` prints one JSON line per case."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REL_ERR_BOUND = 1e-2  # bf16/fp16 operands and output rounding, fp32 accumulation: measured ~3e-3 (bf16), ~3e-4 (fp16)
+
+# (name, n, m, N, K, M, dtype, outliers (B, k) or None, scale, shift, bias, pos_mode, config override)
+GEMV = {"kernel": "gemv", "BM": 4, "BN": 4, "BG": 16, "BO": 16, "num_warps": 4}
+GEMV_PERSISTENT = dict(GEMV, persistent=1, BM=1)
+DOT_SPLIT = {"kernel": "dot", "BM": 16, "BN": 16, "BG": 4, "SPLIT_K": 3, "num_warps": 1}
+CASES = [
+    # default configs: the M-bucket picks gemv (M <= 2) or the tile-decode dot kernel
+    ("m1_bf16_out_scale", 8, 16, 24, 512, 1, "bfloat16", (256, 4), True, False, False, None, None),
+    ("m2_fp16_bare", 8, 16, 24, 512, 2, "float16", None, False, False, False, None, None),
+    ("m7_bf16_all", 8, 16, 24, 512, 7, "bfloat16", (256, 4), True, True, True, None, None),
+    ("m16_fp16_out", 8, 16, 40, 256, 16, "float16", (128, 2), False, False, True, None, None),
+    ("m33_bf16_scale_shift", 8, 16, 24, 768, 33, "bfloat16", None, True, True, False, None, None),
+    ("m128_bf16_all", 8, 16, 20, 256, 128, "bfloat16", (256, 4), True, True, True, None, None),
+    # forced kernels / layouts
+    ("gemv_m7_outloop", 8, 16, 18, 512, 7, "bfloat16", (256, 4), True, True, True, None, GEMV),
+    ("gemv_persistent_m1", 8, 16, 37, 256, 1, "float16", (128, 4), True, False, True, None, GEMV_PERSISTENT),
+    ("dot_splitk_m5", 8, 16, 24, 1024, 5, "bfloat16", (256, 4), True, True, True, None, DOT_SPLIT),
+    ("nibble32_m1", 8, 16, 24, 512, 1, "bfloat16", (256, 4), True, False, False, "nibble32", None),
+    ("nibble32_m16", 8, 16, 24, 512, 16, "float16", None, True, False, True, "nibble32", None),
+    ("byte816_m33", 8, 16, 12, 256, 33, "bfloat16", (64, 3), True, True, False, "byte", None),
+    # other N:M patterns (POS_BYTE), K not a multiple of the block sizes
+    ("p24_m1", 2, 4, 12, 100, 1, "bfloat16", None, True, False, True, None, None),
+    ("p24_m16_out", 2, 4, 12, 96, 16, "float16", (32, 2), True, True, False, None, None),
+    ("p48_m7", 4, 8, 10, 72, 7, "bfloat16", (24, 3), False, True, True, None, None),
+    ("p1632_m2", 16, 32, 9, 96, 2, "bfloat16", None, True, False, False, None, None),
+    ("p1632_m33_out", 16, 32, 9, 128, 33, "float16", (64, 5), True, True, True, None, None),
+    ("n816_k_odd_groups_m16", 8, 16, 17, 208, 16, "bfloat16", None, True, True, True, None, None),
+]
+
+
+def run_case(case, device: str) -> dict:
+    import torch
+
+    from vllm_nm16.kernels import nm16_linear, reference_linear, repack
+    from vllm_nm16.kernels.testing import layer_args, random_layer
+
+    name, n, m, N, K, M, dtype, outl, scale, shift, bias, mode, cfg = case
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cpu").manual_seed(abs(hash(name)) % 2**31)  # fresh data per case and run
+    B, k = outl if outl else (None, 0)
+    t = random_layer(N, K, n=n, m=m, outlier_block=B, outliers_per_block=k, scale=scale, shift=shift, dtype=dt,
+                     generator=g)
+    t = {key: val.to(device) for key, val in t.items()}
+    v, mk, ov, oi, sc, sh = layer_args(t)
+    wv, wm, ov2, oi2 = repack(v, mk, ov, oi, n=n, m=m, outlier_block=B, outliers_per_block=k, pos_mode=mode)
+    x = torch.randn(M, K, generator=g).to(dt).to(device)
+    b = torch.randn(N, generator=g).to(dt).to(device) if bias else None
+    y = torch.full((M, N), float("nan"), dtype=dt, device=device)  # poisoned: every element must be written
+    nm16_linear(x, wv, wm, ov2, oi2, sc, sh, b, n=n, m=m, outlier_block=B, outliers_per_block=k, in_features=K,
+                out_features=N, config=cfg, out=y)
+    ref = reference_linear(x.cpu(), v.cpu(), mk.cpu(), ov.cpu() if ov is not None else None,
+                           oi.cpu() if oi is not None else None, sc.cpu() if sc is not None else None,
+                           sh.cpu() if sh is not None else None, b.cpu() if b is not None else None,
+                           n=n, m=m, outlier_block=B, outliers_per_block=k)
+    y = y.cpu().double()
+    finite = bool(torch.isfinite(y).all())
+    err = float((y - ref).norm() / ref.norm()) if finite else float("nan")
+    return {"name": name, "finite": finite, "rel_err": err}
+
+
+if __name__ == "__main__":
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    names = set(sys.argv[2:])
+    for case in CASES:
+        if names and case[0] not in names:
+            continue
+        print(json.dumps(run_case(case, device)), flush=True)
