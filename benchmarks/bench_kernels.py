@@ -1,0 +1,192 @@
+"""nm16 kernels vs cuBLAS dense (`F.linear`) on Llama-3 8B/70B linear shapes (GPU), and the plot/table maker (CPU).
+
+    python3 benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json      # on the GPU host
+    python benchmarks/bench_kernels.py --plot benchmarks/results/kernels_h100.json      # here: PNG + markdown
+
+Per shape: a random 8:16 layer (bf16) with the default outlier budget (k per block of B columns, --outliers-k /
+--outlier-block) and a per-row scale; each kernel path is first checked against a float64 reference. Then per M:
+cuBLAS dense, nm16 with outliers + scale, and nm16 bare (no outliers/scale), each the median of
+triton.testing.do_bench (which flushes the 50 MB L2 before every run, so weights always come from HBM).
+Floors: nm16 bytes (values + 16-bit masks [+ outliers + scale] + x + y) over the copy bandwidth measured in this
+run, and 2*M*N*K over the bf16 matrix rate measured in this run (8192^3 cuBLAS); pct_of_floor = max(both) / time.
+All small-M rows (M <= 64) of every shape run before the large-M ones, so a long stretch of tensor-core work does
+not heat the chip right before the (clock-sensitive) decode rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {  # name: (N = out_features, K = in_features)
+    "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
+    "70B o": (8192, 8192), "70B gate_up": (57344, 8192), "70B down": (8192, 28672),
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+def measure(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    import triton
+
+    from vllm_nm16.kernels import nm16_linear, reference_linear, repack
+    from vllm_nm16.kernels.configs import pick_config
+    from vllm_nm16.kernels.testing import layer_args, random_layer
+
+    bench = lambda fn: 1e3 * triton.testing.do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")  # noqa
+    torch.manual_seed(0)
+    a = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() / (bench(lambda: b.copy_(a)) * 1e-6)
+    del a, b
+    p = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / (bench(lambda: p @ p) * 1e-6)
+    del p
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    header = {"gpu": smi, "torch": torch.__version__, "triton": triton.__version__,
+              "copy_bandwidth_Bps": bw, "bf16_matmul_flops": flops, "command": " ".join(sys.argv),
+              "outliers_k": args.outliers_k, "outlier_block": args.outlier_block,
+              "timing": f"triton.testing.do_bench median, rep={args.rep_ms} ms, L2 flushed before each run"}
+    print(f"{smi}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s  "
+          f"bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+
+    k, B = args.outliers_k, args.outlier_block
+    shapes = {n: s for n, s in SHAPES.items() if not args.shapes or n in args.shapes.split(",")}
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else list(MS)
+    layers, checks = {}, []
+    for name, (N, K) in shapes.items():
+        t = random_layer(N, K, outlier_block=B, outliers_per_block=k, scale=True, device="cuda")
+        v, mk, ov, oi, sc, _ = layer_args(t)
+        full = repack(v, mk, ov, oi, n=8, m=16, outlier_block=B, outliers_per_block=k)
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        layers[name] = (N, K, v, mk, ov, oi, sc, full, W)
+        for M in (1, 5, 16, 64, 300):  # gemv, both dot regimes, split-K and not, a non-multiple of BM
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = reference_linear(x, v, mk, ov, oi, sc, None, None, n=8, m=16, outlier_block=B,
+                                   outliers_per_block=k)
+            y = nm16_linear(x, *full, sc, None, None, n=8, m=16, outlier_block=B, outliers_per_block=k,
+                            in_features=K, out_features=N)
+            err = float((y.double() - ref).norm() / ref.norm())
+            checks.append({"shape": name, "M": M, "rel_err": err})
+            if not err <= 1e-2:
+                raise SystemExit(f"WRONG: {name} M={M} rel err {err:.3e}")
+            del ref
+        torch.cuda.empty_cache()
+        print(f"checked {name}: max rel err {max(c['rel_err'] for c in checks if c['shape'] == name):.2e}",
+              flush=True)
+
+    rows = []
+    order = [(n, M) for M in ms if M <= 64 for n in shapes] + [(n, M) for M in ms if M > 64 for n in shapes]
+    for name, M in order:
+        N, K, v, mk, ov, oi, sc, full, W = layers[name]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        dense_us = bench(lambda: F.linear(x, W))
+        cfg = pick_config(N, K, M, outlier_block=B)
+        for with_out in (True, False):
+            if with_out:
+                fn = lambda: nm16_linear(x, *full, sc, None, None, n=8, m=16, outlier_block=B,  # noqa: E731
+                                         outliers_per_block=k, in_features=K, out_features=N)
+            else:
+                fn = lambda: nm16_linear(x, full[0], full[1], None, None, None, None, None, n=8,  # noqa: E731
+                                         m=16, outlier_block=None, outliers_per_block=0, in_features=K,
+                                         out_features=N)
+            try:
+                us = bench(fn)
+            except Exception as e:  # noqa: BLE001  (record and go on: one bad config must not lose the run)
+                print(f"FAILED {name} M={M} outliers={with_out} {cfg}: {type(e).__name__}: {str(e)[:300]}")
+                us = float("nan")
+            nbytes = N * K // 16 * 18 + 2 * M * (K + N)
+            if with_out:
+                nbytes += N * (K // B) * k * 3 + 4 * N
+            floor_us = max(nbytes / bw, 2 * M * N * K / flops) * 1e6
+            rows.append({"shape": name, "N": N, "K": K, "M": M, "dense_us": dense_us, "nm16_us": us,
+                         "speedup": dense_us / us, "GBps": nbytes / (us * 1e-6) / 1e9,
+                         "floor_us": floor_us, "pct_of_floor": 100 * floor_us / us,
+                         "dense_pct_of_floor": 100 * max((2 * N * K + 2 * M * (K + N)) / bw,
+                                                         2 * M * N * K / flops) * 1e6 / dense_us,
+                         "outliers": with_out, "scale": with_out, "kernel": cfg["kernel"], "config": cfg})
+        r0, r1 = rows[-2], rows[-1]
+        print(f"{name:<12} M={M:<5} dense {dense_us:8.1f}  nm16 {r0['nm16_us']:8.1f} ({r0['speedup']:.2f}x, "
+              f"{r0['pct_of_floor']:.0f}% floor)  bare {r1['nm16_us']:8.1f} ({r1['speedup']:.2f}x, "
+              f"{r1['pct_of_floor']:.0f}%)", flush=True)
+        out = {"header": header, "checks": checks, "rows": rows}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, args.out)
+    return out
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    rows, h = data["rows"], data["header"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, with_out in zip(axes, (True, False)):
+        for name in dict.fromkeys(r["shape"] for r in rows):
+            rs = sorted((r for r in rows if r["shape"] == name and r["outliers"] == with_out), key=lambda r: r["M"])
+            N, K = rs[0]["N"], rs[0]["K"]
+            ax.plot([r["M"] for r in rs], [r["speedup"] for r in rs], marker="o", label=f"{name} {N}x{K}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows of x)")
+        ax.set_title(f"nm16 8:16 {'+ outliers (k=%d/B=%d) + scale' % (h['outliers_k'], h['outlier_block']) if with_out else 'bare'}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup vs cuBLAS bf16 F.linear")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{h['gpu']}  torch {h['torch']}  triton {h['triton']}  copy {h['copy_bandwidth_Bps'] / 1e12:.2f} TB/s")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+
+    lines = [f"GPU: {h['gpu']}; torch {h['torch']}, triton {h['triton']}; copy bandwidth "
+             f"{h['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {h['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s "
+             f"(both measured in the same run). Command: `{h['command']}`. {h['timing']}.", "",
+             "nm16 = 8:16 with outliers (k=%d per %d columns) + per-row scale; bare = no outliers/scale. "
+             "%%floor = max(byte floor, FLOP floor) / time." % (h["outliers_k"], h["outlier_block"]), "",
+             "| shape | N x K | M | cuBLAS µs | nm16 µs | speedup | %floor | bare µs | bare speedup | bare %floor | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keyed = {(r["shape"], r["M"], r["outliers"]): r for r in rows}
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        for M in sorted({r["M"] for r in rows if r["shape"] == name}):
+            a, b = keyed.get((name, M, True)), keyed.get((name, M, False))
+            if not a or not b:
+                continue
+            lines.append(f"| {name} | {a['N']}x{a['K']} | {M} | {a['dense_us']:.1f} | {a['nm16_us']:.1f} | "
+                         f"{a['speedup']:.2f} | {a['pct_of_floor']:.0f} | {b['nm16_us']:.1f} | {b['speedup']:.2f} | "
+                         f"{b['pct_of_floor']:.0f} | {a['kernel']} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {path.with_suffix('.png')} and {path.with_suffix('.md')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
+    ap.add_argument("--plot", type=Path, help="make the PNG and markdown table from a results JSON (no GPU)")
+    ap.add_argument("--shapes", default="", help="comma-separated subset of: " + ",".join(SHAPES))
+    ap.add_argument("--ms", default="", help="comma-separated M values (default: all)")
+    ap.add_argument("--outliers-k", type=int, default=4)
+    ap.add_argument("--outlier-block", type=int, default=256)
+    ap.add_argument("--rep-ms", type=int, default=40)
+    args = ap.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
+    t0 = time.time()
+    measure(args)
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
