@@ -36,6 +36,10 @@ CASES = [
     ("p48_m7", 4, 8, 10, 72, 7, "bfloat16", (24, 3), False, True, True, None, None),
     ("p1632_m2", 16, 32, 9, 96, 2, "bfloat16", None, True, False, False, None, None),
     ("p1632_m33_out", 16, 32, 9, 128, 33, "float16", (64, 5), True, True, True, None, None),
+    ("dot_bm64_outmerge_m70", 8, 16, 40, 512, 70, "bfloat16", (256, 4), True, True, True, None,
+     {"kernel": "dot", "BM": 64, "BN": 32, "BG": 4, "num_warps": 4}),
+    ("dot_bm64_outmerge_fp16_m64", 8, 16, 24, 256, 64, "float16", (128, 2), False, False, False, None,
+     {"kernel": "dot", "BM": 64, "BN": 16, "BG": 8, "num_warps": 4}),
     ("n816_k_odd_groups_m16", 8, 16, 17, 208, 16, "bfloat16", None, True, True, True, None, None),
 ]
 

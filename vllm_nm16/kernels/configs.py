@@ -69,6 +69,11 @@ def pick_config(N: int, K: int, M: int, *, n: int = 8, m: int = 16, outlier_bloc
     bucket = m_bucket(M)
     cfg = dict(_table().get(table_key(N, K, bucket)) or heuristic_config(N, K, M))
     if cfg["kernel"] == "dot":
+        if (n, m) != (8, 16):
+            # The generic decode compares every kept value with every column of its group ([BN, BG, n, m]
+            # registers): keep K steps at 32 columns and BN <= 32 so it fits.
+            cfg["BG"] = max(1, 32 // m)
+            cfg["BN"] = min(cfg["BN"], 32)
         while cfg["BG"] * m < 16:  # tl.dot needs K steps of >= 16 columns
             cfg["BG"] *= 2
     return cfg

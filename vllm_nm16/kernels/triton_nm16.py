@@ -231,7 +231,8 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
                      HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, DOT_FP32: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
-                     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, G_PER_SPLIT: tl.constexpr, ws_ptr):
+                     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, G_PER_SPLIT: tl.constexpr, ws_ptr,
+                     OUT_MERGE: tl.constexpr, OKP: tl.constexpr):
     # Computes the transposed tile acc[BN, BM] = W_tile @ x_tile.T: the decoded weight is the MMA's A operand
     # (the side that may come from registers), x the B operand, and a small M becomes the MMA's narrow N side
     # (n = 16 is a legal wgmma/mma shape) instead of padding it up to 64 rows.
@@ -261,6 +262,14 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
     g_start = ks * G_PER_SPLIT
     g_end = tl.minimum(G, g_start + G_PER_SPLIT)
 
+    if HAS_OUT:
+        KO = (K // OB) * OK
+    if HAS_OUT and OUT_MERGE:
+        offs_t = tl.arange(0, OKP)
+        t_ok = offs_t < OK
+        if HAS_SCALE:
+            scale_n = tl.load(scale_ptr + offs_n_ld)
+
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for g0 in range(g_start, g_end, BG):
         offs_g = g0 + tl.arange(0, BG)
@@ -279,6 +288,22 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
             hit = pos[:, :, :, None] == offs_j[None, None, None, :]
             dense = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, :, None], 0.0), axis=2).to(v.dtype)
             dense = tl.reshape(dense, (BN, BK))
+        if HAS_OUT and OUT_MERGE:
+            # Large BM: fold this K step's outliers into the decoded tile (cost independent of BM) instead of
+            # gathering x per outlier and row after the loop (cost proportional to BM). The tile lies inside one
+            # outlier block (launcher: OB % BK == 0). Scale multiplies the N:M part only, so it goes in here too.
+            tile = dense.to(tl.float32)
+            if HAS_SCALE:
+                tile = tile * scale_n[:, None]
+            c0 = g0 * MG
+            blk = c0 // OB
+            o_off = offs_n_ld[:, None] * KO + blk * OK + offs_t[None, :]
+            ov = tl.load(ov_ptr + o_off, mask=t_ok[None, :], other=0.0).to(tl.float32)
+            oi = tl.load(oi_ptr + o_off, mask=t_ok[None, :], other=0).to(tl.int32) & 0xFFFF
+            local = blk * OB + oi - c0                                          # [BN, OKP] column in the tile
+            hit = (local[:, :, None] == offs_k[None, None, :]) & t_ok[None, :, None]
+            tile += tl.sum(tl.where(hit, ov[:, :, None], 0.0), axis=1)
+            dense = tile.to(v.dtype)
         cols = g0 * MG + offs_k
         xt = tl.load(x_ptr + offs_m_ld[:, None] * stride_xm + cols[None, :], mask=(cols < K)[None, :], other=0.0)
         if DOT_FP32:
@@ -286,12 +311,11 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
         else:
             acc += tl.dot(dense, tl.trans(xt))
 
-    if HAS_SCALE:  # scale multiplies the N:M part only, so before the outliers are added
+    if HAS_SCALE and not (HAS_OUT and OUT_MERGE):  # N:M part only, so before the outliers are added
         acc = acc * tl.load(scale_ptr + offs_n_ld)[:, None]
-    if HAS_OUT:
+    if HAS_OUT and not OUT_MERGE:
         # Outliers after the main loop: gather x at each outlier's column for all BM rows (they are 1/64 of the
-        # kept values at the default budget, so CUDA-core FMAs suffice).
-        KO = (K // OB) * OK
+        # kept values at the default budget, so CUDA-core FMAs suffice for small BM).
         o_end = (g_end * MG // OB) * OK
         for o0 in range((g_start * MG // OB) * OK, o_end, BO):
             offs_o = o0 + tl.arange(0, BO)
@@ -379,10 +403,12 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
         split = triton.cdiv(G, g_per)
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
+        out_merge = has_out and BM >= 64 and outlier_block % (BG * m) == 0 and cfg.get("out_merge", True)
         compiled = _nm16_dot_kernel[grid](*args, **common, EVEN_G=G % BG == 0 and G % g_per == 0,
                                           DOT_FP32=_interpreted(), BM=BM, BN=BN, BG=BG, BO=BO,
                                           GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, G_PER_SPLIT=g_per,
-                                          ws_ptr=ws, num_warps=cfg.get("num_warps", 4),
+                                          ws_ptr=ws, OUT_MERGE=out_merge, OKP=_next_pow2(common["OK"]),
+                                          num_warps=cfg.get("num_warps", 4),
                                           num_stages=cfg.get("num_stages", 3))
         if split > 1:
             block = 1024
