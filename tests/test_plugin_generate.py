@@ -61,13 +61,24 @@ def _engine(ckpt, dtype: str) -> dict:
             "gpu_memory_utilization": 0.1, "max_model_len": 256, "seed": 0}
 
 
-def test_greedy_matches_transformers_fp32(default_nm16):
-    res, proc = run_llm({"engine": _engine(default_nm16, "float32"), "prompts": PROMPTS, "max_tokens": NEW_TOKENS,
+@pytest.fixture(scope="module")
+def prompt_ids(default_nm16):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_nm16)
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(default_nm16, prompt_ids):
+    return _hf_greedy(default_nm16, prompt_ids, NEW_TOKENS)
+
+
+def test_greedy_matches_transformers_fp32(default_nm16, prompt_ids, hf_reference):
+    res, proc = run_llm({"engine": _engine(default_nm16, "float32"), "prompts": prompt_ids, "max_tokens": NEW_TOKENS,
                          "logprobs": 2})
     assert res is not None, describe(proc)
-    prompt_ids = [o["prompt_token_ids"] for o in res["outputs"]]
-    hf = _hf_greedy(default_nm16, prompt_ids, NEW_TOKENS)
-    for p, o, (h, _) in zip(PROMPTS, res["outputs"], hf):
+    for p, o, (h, _) in zip(PROMPTS, res["outputs"], hf_reference):
         v = o["token_ids"]
         assert len(v) == NEW_TOKENS
         if v != h:
@@ -78,15 +89,13 @@ def test_greedy_matches_transformers_fp32(default_nm16):
                         f"vLLM {v}\nHF   {h}")
 
 
-def test_bf16_first_tokens_and_logprobs(default_nm16):
-    res, proc = run_llm({"engine": _engine(default_nm16, "bfloat16"), "prompts": PROMPTS, "max_tokens": 8,
+def test_bf16_first_tokens_and_logprobs(default_nm16, prompt_ids, hf_reference):
+    res, proc = run_llm({"engine": _engine(default_nm16, "bfloat16"), "prompts": prompt_ids, "max_tokens": 8,
                          "logprobs": 1})
     assert res is not None, describe(proc)
-    prompt_ids = [o["prompt_token_ids"] for o in res["outputs"]]
-    hf = _hf_greedy(default_nm16, prompt_ids, 8)
-    for p, o, (h, hlp) in zip(PROMPTS, res["outputs"], hf):
+    for p, o, (h, hlp) in zip(PROMPTS, res["outputs"], hf_reference):
         v = o["token_ids"]
-        assert v[:2] == h[:2], f"prompt {p!r}: bf16 vLLM {v} vs fp32 transformers {h}"
+        assert v[:2] == h[:2], f"prompt {p!r}: bf16 vLLM {v} vs fp32 transformers {h[:8]}"
         for i in range(len(v)):
             if v[i] != h[i]:
                 break

@@ -89,7 +89,7 @@ def nm16_linear(x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: Optiona
         from vllm_nm16 import kernels  # noqa: PLC0415 (lazy: Triton only where there is a GPU)
 
         return kernels.nm16_linear(x, wv, wm, ov, oi, scale, shift, bias, n=n, m=m,
-                                   outlier_block=outlier_block, outliers_per_block=outliers_per_block,
+                                   outlier_block=outlier_block or None, outliers_per_block=outliers_per_block,
                                    in_features=in_features, out_features=out_features)
     if scale is not None:  # prepare() folds it on CPU; keep the op total anyway
         raise ValueError("nm16: the CPU path expects the scale folded into the values (use ops.prepare)")
@@ -110,7 +110,7 @@ def prepare(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tens
 
     Returns ``wv, wm, ov, oi, scale, shift`` (keys of those names; absent parts are None).
     """
-    b = spec.outlier_block or 0
+    b = spec.outlier_block
     if values.is_cuda:
         from vllm_nm16 import kernels  # noqa: PLC0415
 
