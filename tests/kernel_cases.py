@@ -37,9 +37,11 @@ CASES = [
     ("p1632_m2", 16, 32, 9, 96, 2, "bfloat16", None, True, False, False, None, None),
     ("p1632_m33_out", 16, 32, 9, 128, 33, "float16", (64, 5), True, True, True, None, None),
     ("dot_bm64_outmerge_m70", 8, 16, 40, 512, 70, "bfloat16", (256, 4), True, True, True, None,
-     {"kernel": "dot", "BM": 64, "BN": 32, "BG": 4, "num_warps": 4}),
+     {"kernel": "dot", "BM": 64, "BN": 32, "BG": 4, "num_warps": 4, "out_merge": True}),
     ("dot_bm64_outmerge_fp16_m64", 8, 16, 24, 256, 64, "float16", (128, 2), False, False, False, None,
-     {"kernel": "dot", "BM": 64, "BN": 16, "BG": 8, "num_warps": 4}),
+     {"kernel": "dot", "BM": 64, "BN": 16, "BG": 8, "num_warps": 4, "out_merge": True}),
+    ("dot_bm32_xt_gather_m40", 8, 16, 24, 512, 40, "bfloat16", (256, 4), True, True, True, None,
+     {"kernel": "dot", "BM": 32, "BN": 16, "BG": 4, "num_warps": 4, "SPLIT_K": 2}),
     ("n816_k_odd_groups_m16", 8, 16, 17, 208, 16, "bfloat16", None, True, True, True, None, None),
 ]
 

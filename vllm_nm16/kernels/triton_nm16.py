@@ -232,7 +232,7 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
                      HAS_BIAS: tl.constexpr, EVEN_G: tl.constexpr, DOT_FP32: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, G_PER_SPLIT: tl.constexpr, ws_ptr,
-                     OUT_MERGE: tl.constexpr, OKP: tl.constexpr):
+                     OUT_MERGE: tl.constexpr, OKP: tl.constexpr, xt_ptr, OUT_XT: tl.constexpr):
     # Computes the transposed tile acc[BN, BM] = W_tile @ x_tile.T: the decoded weight is the MMA's A operand
     # (the side that may come from registers), x the B operand, and a small M becomes the MMA's narrow N side
     # (n = 16 is a legal wgmma/mma shape) instead of padding it up to 64 rows.
@@ -324,8 +324,14 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
             ov = tl.load(ov_ptr + o_off, mask=o_ok[None, :], other=0.0).to(tl.float32)
             oi = tl.load(oi_ptr + o_off, mask=o_ok[None, :], other=0).to(tl.int32) & 0xFFFF
             ocol = (offs_o[None, :] // OK) * OB + oi                              # [BN, BO]
-            xo = tl.load(x_ptr + offs_m_ld[None, None, :] * stride_xm + ocol[:, :, None],
-                         mask=o_ok[None, :, None], other=0.0).to(tl.float32)     # [BN, BO, BM]
+            if OUT_XT:
+                # x transposed ([K, M], made by the launcher): the BM values of one column are contiguous, so
+                # the gather is a coalesced row read instead of BM loads K elements apart.
+                xo = tl.load(xt_ptr + ocol[:, :, None] * M + offs_m_ld[None, None, :],
+                             mask=o_ok[None, :, None], other=0.0).to(tl.float32)  # [BN, BO, BM]
+            else:
+                xo = tl.load(x_ptr + offs_m_ld[None, None, :] * stride_xm + ocol[:, :, None],
+                             mask=o_ok[None, :, None], other=0.0).to(tl.float32)  # [BN, BO, BM]
             acc += tl.sum(xo * ov[:, :, None], axis=1)
     if SPLIT_K == 1:
         _epilogue(tl.trans(acc), y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N,
@@ -403,11 +409,17 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
         split = triton.cdiv(G, g_per)
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
-        out_merge = has_out and BM >= 64 and outlier_block % (BG * m) == 0 and cfg.get("out_merge", True)
+        # Outliers: folding them into the decoded tile (out_merge) measured 4-6x slower than the post-loop gather
+        # on the H100 (docs/KERNELS.md), so it is off unless a config asks for it; for BM >= 32 the gather reads
+        # a transposed copy of x (one extra small copy kernel, coalesced gathers).
+        out_merge = has_out and outlier_block % (BG * m) == 0 and cfg.get("out_merge", False)
+        out_xt = has_out and not out_merge and BM >= 32
+        xt = x2d.t().contiguous() if out_xt else x2d
         compiled = _nm16_dot_kernel[grid](*args, **common, EVEN_G=G % BG == 0 and G % g_per == 0,
                                           DOT_FP32=_interpreted(), BM=BM, BN=BN, BG=BG, BO=BO,
                                           GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, G_PER_SPLIT=g_per,
                                           ws_ptr=ws, OUT_MERGE=out_merge, OKP=_next_pow2(common["OK"]),
+                                          xt_ptr=xt, OUT_XT=out_xt,
                                           num_warps=cfg.get("num_warps", 4),
                                           num_stages=cfg.get("num_stages", 3))
         if split > 1:
