@@ -15,9 +15,10 @@ from typing import Any
 
 
 def perplexity_vllm(model_dir, text_path, seqlen: int = 512, stride: int | None = None,
-                    max_tokens: int | None = None, **engine_kw: Any) -> dict:
+                    max_tokens: int | None = None, llm: Any = None, **engine_kw: Any) -> dict:
     """Perplexity of a dense HF folder or an nm16 checkpoint through ``vllm.LLM``; ``engine_kw`` go to ``LLM()``
-    (defaults: eager mode, 20% of memory, the checkpoint's dtype). Returns the same keys as the hf engine."""
+    (defaults: eager mode, 20% of memory, the checkpoint's dtype). Pass ``llm`` to reuse a running engine of that
+    checkpoint (its max_model_len must be > seqlen). Returns the same keys as the hf engine."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -34,7 +35,8 @@ def perplexity_vllm(model_dir, text_path, seqlen: int = 512, stride: int | None 
     if is_nm16_checkpoint(model_dir):
         kw["quantization"] = "nm16"
     kw.update(engine_kw)
-    llm = LLM(**kw)
+    if llm is None:
+        llm = LLM(**kw)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=w.ids) for w in windows], params, use_tqdm=False)
     nll_sum, count = 0.0, 0

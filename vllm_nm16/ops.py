@@ -8,7 +8,7 @@ Two device paths behind the one op, each with its own weight layout made once by
 
 * CUDA: ``vllm_nm16.kernels`` (Triton). ``prepare`` calls ``kernels.repack``; the op calls ``kernels.nm16_linear``,
   which computes ``scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` with fp32 accumulation.
-* CPU (and any other device): PyTorch, weights stay packed in memory. ``prepare`` turns the 1-bit mask into the
+* CPU (and any other device, or CUDA with ``VLLM_NM16_BACKEND=torch``): PyTorch, weights stay packed in memory. ``prepare`` turns the 1-bit mask into the
   column offset of each kept value inside its group (uint8 ``[out, G, N]``: 4 bits per weight for 8:16, decoding a
   bitmask per call cost 8x more time) and folds the per-row scale into the values (``round(scale * v)`` in the value
   dtype, the same rounding as ``format.UnpackedLayer.effective_weight(dtype)``). Per call the dense weight is rebuilt
@@ -19,6 +19,7 @@ Two device paths behind the one op, each with its own weight layout made once by
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +28,12 @@ import torch.nn.functional as F
 from vllm_nm16 import format as fmt
 
 OP_NAME = "nm16::linear"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels unless ``VLLM_NM16_BACKEND=torch`` asks for the PyTorch path (the
+    reference the GPU checks compare the kernels against; read when weights are prepared and at every call)."""
+    return t.is_cuda and os.environ.get("VLLM_NM16_BACKEND", "triton").lower() != "torch"
 
 
 # --------------------------------------------------------------------------------------------------- CPU weight path
@@ -85,7 +92,7 @@ def nm16_linear(x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: Optiona
                 bias: Optional[torch.Tensor], n: int, m: int, outlier_block: int, outliers_per_block: int,
                 in_features: int, out_features: int) -> torch.Tensor:
     """y[M, out] for x[M, in]; the weight tensors are whatever :func:`prepare` made for x's device."""
-    if x.is_cuda:
+    if use_triton(x):
         from vllm_nm16 import kernels  # noqa: PLC0415 (lazy: Triton only where there is a GPU)
 
         return kernels.nm16_linear(x, wv, wm, ov, oi, scale, shift, bias, n=n, m=m,
@@ -111,7 +118,7 @@ def prepare(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tens
     Returns ``wv, wm, ov, oi, scale, shift`` (keys of those names; absent parts are None).
     """
     b = spec.outlier_block
-    if values.is_cuda:
+    if use_triton(values):
         from vllm_nm16 import kernels  # noqa: PLC0415
 
         wv, wm, ov, oi = kernels.repack(values, mask, outlier_values, outlier_index, n=spec.n, m=spec.m,
@@ -129,9 +136,11 @@ def prepare(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tens
         out_f = values.shape[0]
         k = spec.outliers_per_block
         blocks = in_features // b
+        dev = values.device
         col = outlier_index.to(torch.int64).reshape(out_f, blocks, k) + \
-            torch.arange(blocks, dtype=torch.int64).mul_(b).view(1, blocks, 1)
-        oi = (col + torch.arange(out_f, dtype=torch.int64).mul_(in_features).view(out_f, 1, 1)).reshape(-1)
+            torch.arange(blocks, dtype=torch.int64, device=dev).mul_(b).view(1, blocks, 1)
+        oi = (col + torch.arange(out_f, dtype=torch.int64, device=dev).mul_(in_features).view(out_f, 1, 1)
+              ).reshape(-1)
         ov = outlier_values.to(act_dtype).reshape(-1).contiguous()
     return {"wv": wv, "wm": keep_offsets(mask, spec.n, spec.m), "ov": ov, "oi": oi, "scale": None,
             "shift": None if shift is None else shift.to(act_dtype).contiguous()}
