@@ -196,13 +196,18 @@ def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, patte
     w_out = (Wp * protect).to(value_dtype) if protect is not None else None
     w_nm32 = w_nm.float()
     w_out32 = w_out.float() if w_out is not None else None
-    C = correction.covariance(st.H.double(), st.xsum, st.count)
-    scale = correction.variance_scale(W, w_nm32, w_out32, C, recipe.variance_correction)
+    scale = None
+    if recipe.variance_correction != "none":
+        C = correction.covariance(st.H.double(), st.xsum, st.count)
+        scale = correction.variance_scale(W, w_nm32, w_out32, C, recipe.variance_correction)
     w_before = w_nm32 + (w_out32 if w_out32 is not None else 0)
     w_eff = (w_nm32 * scale[:, None] if scale is not None else w_nm32) + (w_out32 if w_out32 is not None else 0)
     shift = correction.mean_shift(W, w_eff, st.xsum / st.count) if recipe.mean_shift else None
     err_before = correction.relative_error(W, w_before, st.H)
-    err_after = correction.relative_error(W, w_eff, st.H, shift, st.xsum, st.count)
+    if scale is None and shift is None:
+        err_after = err_before  # nothing corrected: skip the second (costly) quadratic form
+    else:
+        err_after = correction.relative_error(W, w_eff, st.H, shift, st.xsum, st.count)
     tensors = None
     if spec is not None:
         tensors = fmt.pack(w_nm, keep, spec, outliers=w_out, outlier_mask=protect, scale=scale, shift=shift,

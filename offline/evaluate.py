@@ -5,9 +5,11 @@ Protocol (the same for every row of the quality matrix and for both engines):
 * ``load_eval_ids``: the whole text file is tokenized once, without special tokens (no BOS is inserted: the corpus is
   one long running text), and cut to the first ``max_tokens`` tokens when a cap is given.
 * ``make_windows``: windows of ``seqlen`` tokens starting every ``stride`` tokens (default ``stride = seqlen``:
-  non-overlapping). Every token is scored exactly once: in the first window from position 1 (the very first token has
-  no context), in later windows only the tokens the previous window did not reach (``score_from``), so with a stride
-  shorter than ``seqlen`` each scored token sees at least ``seqlen - stride`` tokens of context.
+  non-overlapping). No token is scored twice: the first window scores from position 1 (the very first token has no
+  context), later windows only the tokens the previous window did not reach (``score_from``, at least 1). With the
+  default non-overlapping windows the first token of every window is therefore not scored (it has no context: the
+  usual protocol); with ``stride < seqlen`` every token but the very first is scored, each with at least
+  ``seqlen - stride`` tokens of context.
 * perplexity = exp(sum of NLL / number of scored tokens), NLL computed from fp32 logits.
 
 An nm16 checkpoint is evaluated in transformers by unpacking every packed layer to its effective dense weight
@@ -58,7 +60,7 @@ def make_windows(ids: list[int], seqlen: int = 512, stride: int | None = None) -
     scored_to = 1  # tokens [0, scored_to) are already scored (token 0 never is)
     begin = 0
     n = len(ids)
-    while scored_to < n:
+    while scored_to < n and begin < n - 1:  # a window of one token would score nothing
         end = min(begin + seqlen, n)
         if end > scored_to:
             windows.append(Window(ids=list(ids[begin:end]), score_from=max(scored_to - begin, 1)))
