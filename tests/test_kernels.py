@@ -2,8 +2,9 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1. Triton reads that variable when a kernel is *decorated*, i.e. at
 import of vllm_nm16.kernels.triton_nm16, so the interpreted cases run in one subprocess (other tests in the same
-pytest process keep the normal Triton mode). Bound: relative Frobenius error <= 1e-2 (bf16/fp16 operands, fp32
-accumulation; measured ~3e-3 bf16 / ~3e-4 fp16), every output element written (outputs are NaN-poisoned first).
+pytest process keep the normal Triton mode). Bound: relative Frobenius error <= 1e-2 for bf16 outputs and <= 2e-3
+for fp16 outputs (fp32 accumulation; measured ~3e-3 bf16 / ~3e-4 fp16, i.e. output rounding), every output element
+written (outputs are NaN-poisoned first).
 The GPU tests (skipped without CUDA) run the same cases natively plus CUDA-graph capture.
 """
 
@@ -46,7 +47,7 @@ def test_interpreted_matches_float64(interpreted_results, name):
     r = interpreted_results.get(name)
     assert r is not None, f"case {name} did not report:\n{interpreted_results['_stderr']}"
     assert r["finite"], f"{name}: output has NaN/Inf (unwritten or poisoned elements)"
-    assert r["rel_err"] <= REL_ERR_BOUND, f"{name}: rel err {r['rel_err']:.3e} > {REL_ERR_BOUND}"
+    assert r["rel_err"] <= r["bound"], f"{name}: rel err {r['rel_err']:.3e} > {r['bound']}"
 
 
 def test_import_is_cheap_and_cuda_free():
@@ -74,7 +75,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("name", CASE_IDS)
 def test_gpu_matches_float64(name):
     r = run_case(next(c for c in CASES if c[0] == name), "cuda")
-    assert r["finite"] and r["rel_err"] <= REL_ERR_BOUND, r
+    assert r["finite"] and r["rel_err"] <= r["bound"], r
 
 
 @needs_cuda

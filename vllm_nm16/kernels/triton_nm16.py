@@ -309,7 +309,7 @@ def _nm16_dot_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, 
         if DOT_FP32:
             acc += tl.dot(dense.to(tl.float32), tl.trans(xt.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(dense, tl.trans(xt))
+            acc += tl.dot(dense.to(xt.dtype), tl.trans(xt))  # no-op unless the checkpoint dtype != x dtype
 
     if HAS_SCALE and not (HAS_OUT and OUT_MERGE):  # N:M part only, so before the outliers are added
         acc = acc * tl.load(scale_ptr + offs_n_ld)[:, None]
