@@ -116,10 +116,10 @@ def talk(base_url: str, name: str) -> None:
 
 
 def perplexity(model: Path, ckpt: Path, eval_text: Path, tokens: int) -> None:
-    import offline
+    from offline.evaluate import perplexity_hf
 
     for label, path in (("dense", model), ("nm16", ckpt)):
-        r = offline.evaluate(path, eval_text, max_tokens=tokens, engine="hf")
+        r = perplexity_hf(path, eval_text, max_tokens=tokens)
         say(f"perplexity {label:5s}: {r['perplexity']:.3f}  ({r['tokens']} tokens of {eval_text.name}, "
             f"{r['seconds']:.0f} s)")
     say("(transformers fp32 on the unpacked checkpoint; `nm16-eval --engine vllm` agrees within 1%)")
