@@ -15,6 +15,7 @@ REL_ERR_BOUND_FP16 = 2e-3  # fp16 output (~3e-4 measured): tight enough that a w
 # (name, n, m, N, K, M, dtype, outliers (B, k) or None, scale, shift, bias, pos_mode, config override)
 GEMV = {"kernel": "gemv", "BM": 4, "BN": 4, "BG": 16, "BO": 16, "num_warps": 4}
 GEMV_PERSISTENT = dict(GEMV, persistent=1, BM=1)
+SCRATCH = {"kernel": "scratch"}
 DOT_SPLIT = {"kernel": "dot", "BM": 16, "BN": 16, "BG": 4, "SPLIT_K": 3, "num_warps": 1}
 CASES = [
     # default configs: the M-bucket picks gemv (M <= 2) or the tile-decode dot kernel
@@ -48,6 +49,12 @@ CASES = [
     ("mixed_bf16_weights_fp16_x_m40", 8, 16, 24, 512, 40, "bfloat16>float16", (256, 4), True, True, True, None,
      None),
     ("n816_k_odd_groups_m16", 8, 16, 17, 208, 16, "bfloat16", None, True, True, True, None, None),
+    # large-M path: decode into a transient dense scratch + matmul (kernels/scratch.py)
+    ("scratch_m40_bf16_all", 8, 16, 37, 512, 40, "bfloat16", (256, 4), True, True, True, None, SCRATCH),
+    ("scratch_m3_fp16_nibble", 8, 16, 24, 256, 3, "float16", (128, 2), True, False, True, "nibble32", SCRATCH),
+    ("scratch_p24_m33_out", 2, 4, 12, 96, 33, "bfloat16", (32, 3), True, True, False, None, SCRATCH),
+    ("scratch_p1632_m20_mixed", 16, 32, 9, 128, 20, "bfloat16>float16", (64, 5), True, True, True, None, SCRATCH),
+    ("default_m300_bf16_all", 8, 16, 24, 512, 300, "bfloat16", (256, 4), True, True, True, None, None),
 ]
 
 

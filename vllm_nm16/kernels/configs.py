@@ -1,13 +1,14 @@
 """Launch configurations: a table tuned on the H100 (``configs_h100.json`` beside this file, written by
 ``benchmarks/kernel_lab.py --tune``), keyed by (N, K, M bucket), with a heuristic for shapes it does not hold.
 
-A config is a dict: ``kernel`` ("gemv" | "dot"), block sizes ``BM`` (rows of x), ``BN`` (output rows), ``BG`` (groups
+A config is a dict: ``kernel`` ("gemv" | "dot" | "scratch": decode to a transient dense weight + cuBLAS), block sizes ``BM`` (rows of x), ``BN`` (output rows), ``BG`` (groups
 of M columns per K step), ``num_warps``, ``num_stages`` and, for the dot kernel, ``GROUP_M``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,9 @@ TABLE_PATH = Path(__file__).with_name("configs_h100.json")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Largest M the gemv (CUDA-core, gather-x) kernel serves by default; above it the tile is decoded for tl.dot.
 GEMV_MAX_M = 2
+# From this M on, the layer is decoded into a transient dense scratch and multiplied by cuBLAS (kernels/scratch.py):
+# the fused tile decode measured 0.02-0.65x cuBLAS there. NM16_SCRATCH_MIN_M overrides it (0 disables the path).
+SCRATCH_MIN_M = int(os.environ.get("NM16_SCRATCH_MIN_M", "32"))
 
 
 def m_bucket(M: int) -> int:
@@ -66,6 +70,8 @@ def heuristic_config(N: int, K: int, M: int) -> dict:
 def pick_config(N: int, K: int, M: int, *, n: int = 8, m: int = 16, outlier_block: int | None = None) -> dict:
     """The tuned config for (N, K, bucket of M) if the table has one, else the heuristic; adjusted so that it is
     legal for this N:M pattern (tl.dot needs K steps of >= 16 columns inside one outlier block)."""
+    if SCRATCH_MIN_M and M >= SCRATCH_MIN_M:
+        return {"kernel": "scratch"}
     bucket = m_bucket(M)
     cfg = dict(_table().get(table_key(N, K, bucket)) or heuristic_config(N, K, M))
     if cfg["kernel"] == "dot":

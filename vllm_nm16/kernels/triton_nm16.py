@@ -391,6 +391,12 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
         return y
     lut = lut_for(x2d.device) if pos_mode == 0 else wm
     cfg = config or pick_config(N, K, M, n=n, m=m, outlier_block=outlier_block if has_out else None)
+    if cfg["kernel"] == "scratch":
+        from vllm_nm16.kernels.scratch import scratch_linear  # noqa: PLC0415
+
+        return scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
+                              outliers_per_block=outliers_per_block, in_features=in_features,
+                              out_features=out_features, out=out)
     dummy = y
     G = K // m
     common = dict(NK=n, MG=m, POS_MODE=pos_mode, OB=outlier_block if has_out else 1,
