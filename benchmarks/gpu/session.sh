@@ -6,6 +6,7 @@
 #               the gguf wheel; made on the CPU machine, see benchmarks/gpu/README.md) to /tmp/chunks; with N = 1
 #               also unpack .gpudata/data.tar.gz (calibration/eval text, tokenizer) to /tmp/gpudata
 #   install SHA256 : reassemble, install vLLM 0.26.0 + gguf + this project into /tmp/site
+#   kcheck    : GPU kernel tests + the large-M scratch path timed against cuBLAS
 #   smollm    : benchmarks/gpu/smollm_check.py (default model: compress on the GPU, greedy + perplexity vLLM-GPU vs
 #               the PyTorch path and transformers, `vllm serve` with CUDA graphs + torch.compile answering chat)
 #   make8b    : random Llama-3-8B-shaped bf16 checkpoint + its data-free nm16 packing (benchmarks/pack_random_nm16.py)
@@ -40,6 +41,11 @@ install)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton, vllm, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
   ;;
+kcheck)
+  use_site
+  python3 -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider 2>&1 | tail -4
+  NM16_SCRATCH_MIN_M=3 python3 benchmarks/bench_kernels.py --shapes "8B qkv,8B o,8B gate_up,8B down" \
+    --ms 4,16,32,64,256,1024,4096 --out "$OUT/kernels_scratch_h100.json" 2>&1 | tail -32 ;;
 smollm)
   use_site
   NM16_CACHE=/tmp/nm16cache python3 benchmarks/gpu/smollm_check.py --gguf /tmp/bundle/SmolLM2-135M-Instruct.Q4_1.gguf \
