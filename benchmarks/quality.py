@@ -63,6 +63,8 @@ def matrix_rows() -> list[dict]:
     rows.append(nm("sparsegpt", "8:16", "outlier budget", outliers="1/192"))
     rows.append(nm("sparsegpt", "8:16", "outlier budget", outliers="6/192"))
     rows.append({**nm("wanda", "8:16", "8:16 recipe", **full), "name": "wanda 8:16 full recipe"})
+    # Disentangling the full recipe: outliers + variance correction without equalization.
+    rows.append(nm("sparsegpt", "8:16", "8:16 recipe", outliers="auto", variance_correction="channel"))
     return rows
 
 
@@ -171,33 +173,46 @@ def targets(rows: dict) -> list[str]:
 
 
 def render_plot(data: dict, path: Path) -> None:
+    """Left: every row, ppl (log) vs bytes/weight; right: zoom on the best rows (SparseGPT/Wanda around 8:16)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = list(data["rows"].values())
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
     colors = {"magnitude": "tab:gray", "wanda": "tab:blue", "sparsegpt": "tab:red"}
-    for r in rows:
-        method = (r.get("recipe") or {}).get("method")
-        c = colors.get(method, "black")
-        marker = "*" if "full recipe" in r["name"] else ("s" if r["name"] == "dense" else "o")
-        ax.scatter(r["bytes_per_weight_bitmask"], r["perplexity"], color=c, marker=marker,
-                   s=120 if marker != "o" else 30, zorder=3)
-        ax.annotate(r["name"].replace(" +", "\n+"), (r["bytes_per_weight_bitmask"], r["perplexity"]), fontsize=5,
-                    xytext=(3, 2), textcoords="offset points")
     dense = next((r for r in rows if r["name"] == "dense"), None)
-    if dense:
-        ax.axhline(dense["perplexity"], color="black", lw=0.8, ls="--", label="dense (2 bytes/weight)")
+    zoom_max = 70.0
+    for ax, zoom in zip(axes, (False, True)):
+        for r in rows:
+            method = (r.get("recipe") or {}).get("method")
+            if zoom and (r["perplexity"] > zoom_max or r["name"] == "dense"):
+                continue
+            marker = "*" if "full recipe" in r["name"] else ("s" if r["name"] == "dense" else "o")
+            ax.scatter(r["bytes_per_weight_bitmask"], r["perplexity"], color=colors.get(method, "black"),
+                       marker=marker, s=140 if marker != "o" else 30, zorder=3)
+            pattern = (r.get("recipe") or {}).get("pattern", "")
+            label = r["name"] if zoom else (pattern if method in ("magnitude", "wanda", "sparsegpt") and
+                                            r["group"] == "pattern x scorer" else "")
+            if label:
+                ax.annotate(label.replace(" +", "\n+"), (r["bytes_per_weight_bitmask"], r["perplexity"]),
+                            fontsize=6 if zoom else 7, xytext=(4, 2), textcoords="offset points")
+        if dense and not zoom:
+            ax.axhline(dense["perplexity"], color="black", lw=0.8, ls="--",
+                       label=f"dense {dense['perplexity']:.1f} (2 bytes/weight)")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("linear-layer bytes per weight (bitmask metadata)")
     for m, c in colors.items():
-        ax.scatter([], [], color=c, label=m)
-    ax.set_yscale("log")
-    ax.set_xlabel("linear-layer bytes per weight (bitmask metadata)")
-    ax.set_ylabel("perplexity (sotu-eval, log scale)")
-    ax.set_title("SmolLM2-135M: perplexity vs bytes per weight")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        axes[0].scatter([], [], color=c, label=m)
+    axes[0].scatter([], [], color="black", marker="*", s=100, label="full 8:16 recipe")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity on sotu-eval (log scale)")
+    axes[0].set_title("all rows (labels: pattern)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_ylabel("perplexity on sotu-eval")
+    axes[1].set_title(f"zoom: rows with ppl < {zoom_max:.0f} (dense: {dense['perplexity']:.1f})" if dense else "zoom")
+    fig.suptitle("SmolLM2-135M: perplexity vs bytes per weight (lower-left is better)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=150)
