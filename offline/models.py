@@ -53,7 +53,3 @@ def architecture_of(config: dict) -> str:
 def linear_groups(config: dict) -> tuple[LinearGroup, ...]:
     architecture_of(config)
     return LLAMA_GROUPS
-
-
-def block_prefix(index: int) -> str:
-    return f"model.layers.{index}"
