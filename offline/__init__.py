@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The submodule ``offline.evaluate`` shares its name with the function below. Importing a submodule for the first time
+# binds it as an attribute of the package, which would replace the function after any
+# ``from offline.evaluate import ...``. Importing it here first (it is cheap: stdlib only at module level) means
+# that binding happens now, and the ``def`` below wins for good.
+from offline import evaluate as _evaluate_module  # noqa: E402,F401
+
 
 def compress(model_dir, out_dir, **kwargs) -> Path:
     """See :func:`offline.api.compress` (keyword arguments = the CLI options)."""
