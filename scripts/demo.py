@@ -122,7 +122,8 @@ def perplexity(model: Path, ckpt: Path, eval_text: Path, tokens: int) -> None:
         r = perplexity_hf(path, eval_text, max_tokens=tokens)
         say(f"perplexity {label:5s}: {r['perplexity']:.3f}  ({r['tokens']} tokens of {eval_text.name}, "
             f"{r['seconds']:.0f} s)")
-    say("(transformers fp32 on the unpacked checkpoint; `nm16-eval --engine vllm` agrees within 1%)")
+    say("(transformers fp32 on the unpacked checkpoint; tests/test_eval_vllm.py checks that `nm16-eval --engine vllm` "
+        "agrees with it within 1%)")
 
 
 def main(argv: list[str] | None = None) -> int:
