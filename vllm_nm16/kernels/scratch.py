@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from vllm_nm16.kernels.layout import lut_for
-
-_POS_MODE_OF_DTYPE = {torch.int16: 0, torch.int32: 1, torch.uint8: 2}
+from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _group_words
 
 
 @triton.jit
@@ -38,17 +37,14 @@ def _unpack_kernel(wv_ptr, wm_ptr, lut_ptr, scale_ptr, w_ptr, N, G, K,
     g = tl.program_id(1) * BG + tl.arange(0, BG)
     i = tl.arange(0, NK)
     rmask = r < N
-    m2 = rmask[:, None] & (g < G)[None, :]
+    g_ok = g < G
+    m2 = rmask[:, None] & g_ok[None, :]
     m3 = m2[:, :, None]
     r64 = r.to(tl.int64)
     vidx = (r64[:, None, None] * G + g[None, :, None]) * NK + i[None, None, :]
     v = tl.load(wv_ptr + vidx, mask=m3, other=0.0)
-    if POS_MODE == 0:    # int16 bitmask -> 8 nibbles through the 512-entry byte LUT
-        mk = tl.load(wm_ptr + r64[:, None] * G + g[None, :], mask=m2, other=0).to(tl.int32) & 0xFFFF
-        word = tl.load(lut_ptr + (mk & 255)) | tl.load(lut_ptr + 256 + (mk >> 8))
-        pos = (word[:, :, None] >> (4 * i)[None, None, :]) & 15
-    elif POS_MODE == 1:  # nibble-packed positions stored per group
-        word = tl.load(wm_ptr + r64[:, None] * G + g[None, :], mask=m2, other=0)
+    if POS_MODE < 2:     # 8:16: nibble word per group (bitmask through the byte LUT, or stored), as the GEMM kernels
+        word = _group_words(wm_ptr, lut_ptr, tl.minimum(r, N - 1), g, g_ok, G, POS_MODE)
         pos = (word[:, :, None] >> (4 * i)[None, None, :]) & 15
     else:                # one uint8 position per kept value
         pos = tl.load(wm_ptr + vidx, mask=m3, other=0).to(tl.int32)

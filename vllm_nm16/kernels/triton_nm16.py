@@ -54,6 +54,21 @@ def _positions(wm_ptr, lut_ptr, offs_n, offs_g, g_ok, G, NK: tl.constexpr, POS_M
 
 
 @triton.jit
+def _gemv_outliers(x_ptr, ov_ptr, oi_ptr, offs_o, offs_n_ld, offs_m_ld, stride_xm, KO, OB: tl.constexpr,
+                   OK: tl.constexpr):
+    """[BM, BN, BO] products of the outlier entries ``offs_o`` of rows ``offs_n_ld`` with their x columns: k
+    outliers per (row, block of OB columns), so entry e of a row sits in block e // OK."""
+    o_ok = offs_o < KO
+    o_off = offs_n_ld[:, None] * KO + offs_o[None, :]
+    ov = tl.load(ov_ptr + o_off, mask=o_ok[None, :], other=0.0).to(tl.float32)
+    oi = tl.load(oi_ptr + o_off, mask=o_ok[None, :], other=0).to(tl.int32) & 0xFFFF
+    ocol = (offs_o[None, :] // OK) * OB + oi
+    xo = tl.load(x_ptr + offs_m_ld[:, None, None] * stride_xm + ocol[None, :, :],
+                 mask=o_ok[None, None, :], other=0.0).to(tl.float32)
+    return xo * ov[None, :, :]
+
+
+@triton.jit
 def _epilogue(acc, y_ptr, scale_ptr, shift_ptr, bias_ptr, offs_m, offs_n, offs_n_ld, M, N, stride_ym,
               APPLY_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr):
     if APPLY_SCALE:
@@ -108,29 +123,14 @@ def _gemv_tile(pid_n, pid_m, x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, sca
             # This K step covers whole outlier blocks: their BO = (BG*MG/OB)*OK outliers ride along, so their
             # loads overlap the main ones instead of forming a serial tail after the loop.
             offs_o = (g0 // (OB // MG)) * OK + tl.arange(0, BO)
-            o_ok = offs_o < KO
-            o_off = offs_n_ld[:, None] * KO + offs_o[None, :]
-            ov = tl.load(ov_ptr + o_off, mask=o_ok[None, :], other=0.0).to(tl.float32)
-            oi = tl.load(oi_ptr + o_off, mask=o_ok[None, :], other=0).to(tl.int32) & 0xFFFF
-            ocol = (offs_o[None, :] // OK) * OB + oi
-            xo = tl.load(x_ptr + offs_m_ld[:, None, None] * stride_xm + ocol[None, :, :],
-                         mask=o_ok[None, None, :], other=0.0).to(tl.float32)
-            acc_o += xo * ov[None, :, :]
+            acc_o += _gemv_outliers(x_ptr, ov_ptr, oi_ptr, offs_o, offs_n_ld, offs_m_ld, stride_xm, KO, OB, OK)
     out = tl.sum(tl.sum(acc, axis=3), axis=2)                   # [BM, BN]
 
     if HAS_OUT:
         if not OUT_IN_LOOP:
-            # k outliers per (row, block of OB columns); entry e of a row sits in block e // OK.
             for o0 in range(0, KO, BO):
                 offs_o = o0 + tl.arange(0, BO)
-                o_ok = offs_o < KO
-                o_off = offs_n_ld[:, None] * KO + offs_o[None, :]
-                ov = tl.load(ov_ptr + o_off, mask=o_ok[None, :], other=0.0).to(tl.float32)
-                oi = tl.load(oi_ptr + o_off, mask=o_ok[None, :], other=0).to(tl.int32) & 0xFFFF
-                ocol = (offs_o[None, :] // OK) * OB + oi
-                xo = tl.load(x_ptr + offs_m_ld[:, None, None] * stride_xm + ocol[None, :, :],
-                             mask=o_ok[None, None, :], other=0.0).to(tl.float32)
-                acc_o += xo * ov[None, :, :]
+                acc_o += _gemv_outliers(x_ptr, ov_ptr, oi_ptr, offs_o, offs_n_ld, offs_m_ld, stride_xm, KO, OB, OK)
         if HAS_SCALE:  # scale multiplies the N:M part only
             out = out * tl.load(scale_ptr + offs_n_ld)[None, :]
         out = out + tl.sum(acc_o, axis=2)
