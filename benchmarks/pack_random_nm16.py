@@ -10,7 +10,8 @@ magnitude scores:
 * scale: data-free variance correction ``‖w_row − outliers‖ / ‖kept_row‖`` (the channel scale that restores the output
   variance for isotropic inputs; the calibrated compressor measures it on real activations instead).
 
-Everything goes through ``vllm_nm16.format.pack`` (the one spec) and is written atomically (temp folder, rename).
+Everything goes through ``vllm_nm16.format.pack`` (the one spec) and is written by the compressor's writer
+(``offline.writer``: safetensors shards + index, atomically through a temp folder).
 
     python benchmarks/pack_random_nm16.py DENSE_DIR OUT_DIR [--pattern 8:16] [--outliers 4/256] [--device cuda]
 """
@@ -19,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
 
-    import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
+    from offline.writer import copy_aux_files, save_shards, staging_folder, write_json
     from vllm_nm16.format import NM16Spec
 
     n, m = (int(v) for v in args.pattern.split(":"))
@@ -86,47 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: no .safetensors in {args.dense_dir}")
     if args.out_dir.exists():
         raise SystemExit(f"error: {args.out_dir} exists")
-    args.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=args.out_dir.parent, prefix=f".{args.out_dir.name}.tmp-"))
     t0 = time.time()
-    try:
-        shards: list[dict] = [{}]
-        size = 0
-        npacked = 0
-        for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    t = sf.get_tensor(key)
-                    if key.endswith(LINEAR_SUFFIXES):
-                        prefix = key[: -len(".weight")]
-                        packed = pack_weight(t.to(args.device), spec, prefix)
-                        items = {f"{prefix}.{suffix}": v.cpu() for suffix, v in packed.items()}
-                        npacked += 1
-                    else:
-                        items = {key: t}
-                    for name, v in items.items():
-                        nbytes = v.numel() * v.element_size()
-                        if shards[-1] and size + nbytes > SHARD_BYTES:
-                            shards.append({})
-                            size = 0
-                        shards[-1][name] = v.contiguous()
-                        size += nbytes
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {}
-        for fname, shard in zip(names, shards):
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({k2: fname for k2 in shard})
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        cfg["quantization_config"] = spec.to_config()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for aux in args.dense_dir.iterdir():
-            if aux.is_file() and aux.suffix != ".safetensors" and aux.name not in ("config.json",
-                                                                                  "model.safetensors.index.json"):
-                shutil.copy2(aux, tmp / aux.name)
-        os.replace(tmp, args.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors: dict = {}
+    npacked = 0
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                t = sf.get_tensor(key)
+                if key.endswith(LINEAR_SUFFIXES):
+                    prefix = key[: -len(".weight")]
+                    packed = pack_weight(t.to(args.device), spec, prefix)
+                    tensors.update({f"{prefix}.{suffix}": v.cpu() for suffix, v in packed.items()})
+                    npacked += 1
+                else:
+                    tensors[key] = t
+    cfg["quantization_config"] = spec.to_config()
+    with staging_folder(args.out_dir, overwrite=False) as tmp:  # the compressor's atomic writer
+        save_shards(tensors, tmp, max_shard_bytes=SHARD_BYTES)
+        write_json(tmp / "config.json", cfg)
+        copy_aux_files(args.dense_dir, tmp)
     print(f"packed {npacked} linear layers ({spec.pattern}, outliers {args.outliers}, scale {spec.has_scale}) "
           f"into {args.out_dir} in {time.time() - t0:.1f} s")
     return 0

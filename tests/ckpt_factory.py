@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from offline.writer import staging_folder
 from vllm_nm16 import format as fmt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,21 +68,13 @@ def pack_state(state: dict[str, torch.Tensor], spec: fmt.NM16Spec, seed: int = 0
 
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], aux_from: Path) -> Path:
     """Write config.json + model.safetensors + tokenizer files to ``dst`` atomically (temp folder, then rename)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
+    with staging_folder(dst, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         for name in AUX_FILES:
             if (aux_from / name).is_file():
                 shutil.copy(aux_from / name, tmp / name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -146,7 +146,8 @@ def main() -> int:
         offline.compress(model, ckpt, device="cuda")
     report["steps"]["compress_s"] = time.perf_counter() - t
     report["quantization_config"] = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    shutil.copy(ckpt / "nm16_report.json", args.out / "smollm2_nm16_report.json") if (ckpt / "nm16_report.json").is_file() else None
+    if (ckpt / "nm16_report.json").is_file():
+        shutil.copy(ckpt / "nm16_report.json", args.out / "smollm2_nm16_report.json")
 
     runs = {}
     for backend in os.environ.get("SMOLLM_BACKENDS", "triton,torch").split(","):
