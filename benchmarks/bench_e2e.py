@@ -47,6 +47,12 @@ def run_one(args: argparse.Namespace) -> dict:
               enable_prefix_caching=False, max_num_seqs=max(max(args.batches), 256), seed=0)
     if args.quantization:
         kw["quantization"] = args.quantization
+    if args.profile_tokens:
+        # vLLM's own torch-profiler hook in the worker (the engine core runs in another process): skip the prefill
+        # and first decode iterations, record PROFILE_STEPS decode iterations. Inert until start_profile().
+        kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(args.profile_dir.resolve()),
+                                 "torch_profiler_with_stack": False, "ignore_frontend": True,
+                                 "delay_iterations": PROFILE_DELAY, "max_iterations": args.profile_steps}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup_s = time.perf_counter() - t0
@@ -70,6 +76,26 @@ def run_one(args: argparse.Namespace) -> dict:
             assert all(len(r.outputs[0].token_ids) == args.output_len for r in res)
         out["latency"][str(b)] = {"median_s": statistics.median(times), "all_s": times}
         print(f"[{args.quantization or 'dense'}] latency batch {b}: median {statistics.median(times):.4f} s", flush=True)
+    if args.profile_tokens:
+        out["profile"] = {}
+        psp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.profile_tokens)
+        for b in args.batches:
+            batch = prompts(b, args.input_len)
+            before = set(args.profile_dir.rglob("*.pt.trace.json*"))
+            llm.start_profile(profile_prefix=f"{args.quantization or 'dense'}_b{b}")
+            llm.generate(batch, psp, use_tqdm=False)
+            llm.stop_profile()
+            traces = []
+            for _ in range(120):  # the worker writes the trace after stop_profile returns
+                traces = sorted(set(args.profile_dir.rglob("*.pt.trace.json*")) - before)
+                if traces:
+                    break
+                time.sleep(1)
+            time.sleep(2)
+            out["profile"][str(b)] = summarize_trace(traces, args.profile_steps)
+            print(f"[{args.quantization or 'dense'}] profile batch {b}: "
+                  f"{out['profile'][str(b)].get('kernel_us_per_step', float('nan')):.0f} us of kernels per step",
+                  flush=True)
     if args.tp_prompts:
         batch = prompts(args.tp_prompts, args.tp_input)
         tsp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.tp_output)
@@ -84,6 +110,49 @@ def run_one(args: argparse.Namespace) -> dict:
     return out
 
 
+PROFILE_DELAY = 4  # engine iterations skipped after start_profile: the prefill (<= 64 x 128 tokens) and warm decode
+
+
+def kernel_category(name: str) -> str:
+    """Coarse owner of a GPU kernel in a decode step."""
+    low = name.lower()
+    if "nm16" in low or "_unpack_kernel" in low or "split_k_reduce" in low:
+        return "nm16 (Triton)"
+    if any(t in low for t in ("nvjet", "gemm", "xmma", "cutlass", "cublas", "gemv")):
+        return "cuBLAS GEMM"
+    if any(t in low for t in ("flash", "attn", "attention", "fmha", "paged")):
+        return "attention"
+    if low.startswith("triton_") or "fused" in low:
+        return "Inductor fused (norms, rope, act, ...)"
+    return "other"
+
+
+def summarize_trace(paths: list[Path], steps: int) -> dict:
+    """GPU kernel time per decode step from torch-profiler chrome traces (vLLM's worker profiler): totals by
+    category and the top kernels by name. Kernels replayed from CUDA graphs are recorded by CUPTI like others."""
+    import gzip
+
+    by_name: dict[str, list[float]] = {}
+    for path in paths:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            events = json.load(f).get("traceEvents", [])
+        for e in events:
+            if e.get("cat") in ("kernel", "Kernel") and "dur" in e:
+                by_name.setdefault(e["name"], []).append(float(e["dur"]))
+    if not by_name:
+        return {"error": f"no kernel events in {[str(p) for p in paths]}"}
+    total = sum(sum(v) for v in by_name.values())
+    cats: dict[str, float] = {}
+    for name, durs in by_name.items():
+        cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + sum(durs)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {"traces": [str(p) for p in paths], "steps": steps, "kernel_us_per_step": total / steps,
+            "by_category_us_per_step": {k: v / steps for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:120], "calls_per_step": len(d) / steps, "us_per_step": sum(d) / steps,
+                             "category": kernel_category(n)} for n, d in top]}
+
+
 _MEM_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
 
 
@@ -94,7 +163,9 @@ def bench_model(model: str, quantization: str | None, args: argparse.Namespace, 
            "--batches", *map(str, args.batches), "--input-len", str(args.input_len), "--output-len",
            str(args.output_len), "--iters", str(args.iters), "--warmup", str(args.warmup), "--tp-prompts",
            str(args.tp_prompts), "--tp-input", str(args.tp_input), "--tp-output", str(args.tp_output),
-           "--max-model-len", str(args.max_model_len), "--gpu-mem", str(args.gpu_mem)]
+           "--max-model-len", str(args.max_model_len), "--gpu-mem", str(args.gpu_mem),
+           "--profile-tokens", str(args.profile_tokens), "--profile-steps", str(args.profile_steps),
+           "--profile-dir", str(args.profile_dir)]
     if quantization:
         cmd += ["--quantization", quantization]
     with open(log_file, "w") as log:
@@ -195,6 +266,11 @@ def main() -> int:
     ap.add_argument("--tp-output", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-mem", type=float, default=0.85)
+    ap.add_argument("--profile-tokens", type=int, default=0,
+                    help="after the latency runs, profile one generate of this many tokens per batch size "
+                         "(0: no profile)")
+    ap.add_argument("--profile-steps", type=int, default=16, help="decode iterations recorded per profile")
+    ap.add_argument("--profile-dir", type=Path, default=Path("/tmp/nm16_profile"))
     ap.add_argument("--only", choices=("dense", "nm16"), help="benchmark one model; write LOG_DIR/e2e_<name>.json")
     ap.add_argument("--merge", nargs=2, type=Path, metavar=("DENSE_JSON", "NM16_JSON"),
                     help="merge two --only results into --json/--plot")
@@ -235,6 +311,11 @@ def main() -> int:
         ap.error("--json is required")
     rows = merge(dense, nm16, args)
     result = {"env": env, "settings": settings_of(args), "rows": rows, "dense_raw": dense, "nm16_raw": nm16}
+    if dense.get("profile") or nm16.get("profile"):
+        # GPU kernel time per decode step by category, side by side (from each run's torch-profiler traces)
+        result["profile_us_per_step"] = {
+            b: {name: (run.get("profile", {}).get(str(b)) or {}).get("by_category_us_per_step")
+                for name, run in (("dense", dense), ("nm16", nm16))} for b in args.batches}
     args.json.write_text(json.dumps(result, indent=2, default=str))
     if args.plot:
         plot(rows, args.plot, f"vLLM {vllm_v} on {gpu}: nm16 vs dense")

@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     bytes_report(Path(model), ckpt)
 
     stage("2. vllm serve <ckpt> --quantization nm16")
+    from vllm_nm16 import compat
     from vllm_nm16.server import VLLMServer
 
     log = out.parent / "vllm-serve.log"
-    srv = VLLMServer(ckpt, ["--quantization", "nm16", "--max-model-len", "1024", "--gpu-memory-utilization", "0.15",
+    srv = VLLMServer(ckpt, ["--quantization", "nm16", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(compat.KV_CACHE_BYTES),
                             "--max-num-seqs", "8"], log_path=log, port=args.port, served_model_name="nm16-demo")
     say(" ".join(srv.cmd))
     say(f"(log: {log}; waiting for /health -- vLLM compiles the model for CPU first)")

@@ -54,6 +54,11 @@ CASES = [
     ("scratch_m3_fp16_nibble", 8, 16, 24, 256, 3, "float16", (128, 2), True, False, True, "nibble32", SCRATCH),
     ("scratch_p24_m33_out", 2, 4, 12, 96, 33, "bfloat16", (32, 3), True, True, False, None, SCRATCH),
     ("scratch_p1632_m20_mixed", 16, 32, 9, 128, 20, "bfloat16>float16", (64, 5), True, True, True, None, SCRATCH),
+    ("scratch_chunked_m40", 8, 16, 37, 512, 40, "bfloat16", (256, 4), True, True, True, None,
+     {"kernel": "scratch", "chunk_mb": 16 * 512 * 2 / 2**20}),   # 16-row chunks: 16 + 16 + 5 rows
+    ("scratch_ob192_m64", 8, 16, 20, 576, 64, "bfloat16", (192, 3), True, True, False, None, SCRATCH),
+    ("scratch_k208_tail_m32", 8, 16, 33, 208, 32, "float16", None, True, False, True, None, SCRATCH),
+    ("scratch_byte816_m40", 8, 16, 12, 256, 40, "bfloat16", (64, 3), True, True, False, "byte", SCRATCH),
     ("default_m300_bf16_all", 8, 16, 24, 512, 300, "bfloat16", (256, 4), True, True, True, None, None),
 ]
 
@@ -87,6 +92,21 @@ def run_case(case, device: str) -> dict:
     y = y.cpu().double()
     finite = bool(torch.isfinite(y).all())
     err = float((y - ref).norm() / ref.norm()) if finite else float("nan")
+    if cfg and cfg["kernel"] == "scratch":
+        # The scratch itself, into a NaN-poisoned buffer: every element written, equal to the effective weight
+        # scale * W_nm + W_out (the float64 reference applied to the identity gives its transpose).
+        from vllm_nm16.kernels.scratch import unpack_to_dense
+
+        w = torch.full((N, K), float("nan"), dtype=xdt, device=device)
+        unpack_to_dense(wv, wm, ov2, oi2, sc, n=n, m=m, outlier_block=B, outliers_per_block=k, in_features=K,
+                        out_features=N, dtype=xdt, out=w)
+        w_ref = reference_linear(torch.eye(K, dtype=torch.float64), v.cpu(), mk.cpu(),
+                                 ov.cpu() if ov is not None else None, oi.cpu() if oi is not None else None,
+                                 sc.cpu() if sc is not None else None, None, None, n=n, m=m, outlier_block=B,
+                                 outliers_per_block=k).T
+        w = w.cpu().double()
+        finite = finite and bool(torch.isfinite(w).all())
+        err = max(err, float((w - w_ref).norm() / w_ref.norm())) if finite else float("nan")
     return {"name": name, "finite": finite, "rel_err": err, "bound": REL_ERR_BOUND if xdt == torch.bfloat16 else
             REL_ERR_BOUND_FP16}
 

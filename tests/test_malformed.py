@@ -17,6 +17,7 @@ import torch
 
 from tests.ckpt_factory import nm16_checkpoint, variant
 from tests.vllm_runner import describe, run_llm
+from vllm_nm16.compat import KV_CACHE_BYTES
 
 L0 = "model.layers.0"
 SINGLE_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -31,7 +32,7 @@ def good(make_llama, tmp_path_factory):
 
 def _start(ckpt, tp: int = 1, prompts=()):
     engine = {"model": str(ckpt), "quantization": "nm16", "dtype": "float32", "enforce_eager": True,
-              "gpu_memory_utilization": 0.05, "max_model_len": 64, "tensor_parallel_size": tp,
+              "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 64, "tensor_parallel_size": tp,
               "distributed_executor_backend": "uni" if tp == 1 else "mp"}
     env = SINGLE_PROCESS if tp == 1 else {**SINGLE_PROCESS, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     return run_llm({"engine": engine, "prompts": list(prompts), "max_tokens": 4}, env=env, timeout=300)

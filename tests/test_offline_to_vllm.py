@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tests.vllm_runner import describe, run_llm
+from vllm_nm16.compat import KV_CACHE_BYTES
 
 PROMPTS = ["The quick brown fox", "In 1776, the"]
 NEW_TOKENS = 16
@@ -29,7 +30,7 @@ def test_compressed_checkpoint_generates_like_transformers(make_llama, tmp_path,
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     engine = {"model": str(ckpt), "quantization": "nm16", "dtype": "float32", "enforce_eager": True,
-              "gpu_memory_utilization": 0.05, "max_model_len": 128, "seed": 0}
+              "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 128, "seed": 0}
     res, proc = run_llm({"engine": engine, "prompts": ids, "max_tokens": NEW_TOKENS, "logprobs": 2})
     assert res is not None, describe(proc)
     model = load_hf_model(ckpt, dtype=torch.float32)

@@ -19,6 +19,7 @@ import torch
 
 from tests.ckpt_factory import nm16_checkpoint
 from tests.vllm_runner import describe, run_llm
+from vllm_nm16.compat import KV_CACHE_BYTES
 
 PROMPTS = [
     "The history of the United States began",
@@ -58,7 +59,7 @@ def _hf_greedy(ckpt, prompt_ids: list[list[int]], new_tokens: int) -> list[tuple
 
 def _engine(ckpt, dtype: str) -> dict:
     return {"model": str(ckpt), "quantization": "nm16", "dtype": dtype, "enforce_eager": True,
-            "gpu_memory_utilization": 0.1, "max_model_len": 256, "seed": 0}
+            "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 256, "seed": 0}
 
 
 @pytest.fixture(scope="module")

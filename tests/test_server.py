@@ -9,6 +9,7 @@ import pytest
 
 from tests.test_plugin_generate import default_nm16  # noqa: F401  (session fixture: the shared checkpoint)
 from vllm_nm16.server import VLLMServer
+from vllm_nm16.compat import KV_CACHE_BYTES
 
 PROMPT = "The President said that the state of the union is"
 
@@ -17,7 +18,7 @@ PROMPT = "The President said that the state of the union is"
 def server(default_nm16, tmp_path_factory):  # noqa: F811
     log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
     srv = VLLMServer(default_nm16, ["--quantization", "nm16", "--dtype", "bfloat16", "--max-model-len", "512",
-                                    "--gpu-memory-utilization", "0.1", "--max-num-seqs", "4"], log_path=log)
+                                    "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "4"], log_path=log)
     srv.start(timeout=900)
     yield srv
     if srv.returncode is None:

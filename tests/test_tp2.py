@@ -14,6 +14,7 @@ import pytest
 
 from tests.ckpt_factory import nm16_checkpoint
 from tests.vllm_runner import describe, run_llm
+from vllm_nm16.compat import KV_CACHE_BYTES
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In 1776, the"]
 NEW_TOKENS = 24
@@ -29,7 +30,7 @@ def tp_ckpt(make_llama, tmp_path_factory):
 
 def _run(ckpt, tp: int):
     engine = {"model": str(ckpt), "quantization": "nm16", "dtype": "float32", "enforce_eager": True,
-              "gpu_memory_utilization": 0.05, "max_model_len": 128, "tensor_parallel_size": tp, "seed": 0}
+              "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 128, "tensor_parallel_size": tp, "seed": 0}
     if tp > 1:
         engine["distributed_executor_backend"] = "mp"
     res, proc = run_llm({"engine": engine, "prompts": PROMPTS, "max_tokens": NEW_TOKENS, "logprobs": 2},

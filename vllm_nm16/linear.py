@@ -180,19 +180,22 @@ class NM16LinearMethod(LinearMethodBase):
                                in_features=k, act_dtype=layer.params_dtype)
         for p in expected:
             delattr(layer, p)
+        # Only real tensors go on the layer; which parts exist is recorded on this (per-layer) method object, a
+        # Python constant for torch.compile. (A module attribute set to None was the one difference between the
+        # Triton and the PyTorch path -- whose prepare() folds the scale away -- when the latter failed in vLLM
+        # 0.26's compiled CUDA forward with "KeyError: 'nm16_scale'".)
+        self.parts = {name: t is not None for name, t in prepared.items()}
         for name, t in prepared.items():
-            attr = f"nm16_{name}"
-            if t is None:
-                setattr(layer, attr, None)
-            else:
-                layer.register_parameter(attr, Parameter(t, requires_grad=False))
+            if t is not None:
+                layer.register_parameter(f"nm16_{name}", Parameter(t, requires_grad=False))
         del layer.nm16_loaded
 
     # ----------------------------------------------------------------------------------------------------- apply
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.spec
         x2d = x.reshape(-1, x.shape[-1])
-        y = ops.nm16_linear(x2d, layer.nm16_wv, layer.nm16_wm, layer.nm16_ov, layer.nm16_oi, layer.nm16_scale,
-                            layer.nm16_shift, bias, spec.n, spec.m, spec.outlier_block or 0,
+        part = lambda name: getattr(layer, f"nm16_{name}") if self.parts[name] else None  # noqa: E731
+        y = ops.nm16_linear(x2d, layer.nm16_wv, layer.nm16_wm, part("ov"), part("oi"), part("scale"),
+                            part("shift"), bias, spec.n, spec.m, spec.outlier_block or 0,
                             spec.outliers_per_block, layer.nm16_in_features, layer.nm16_out_features)
         return y.reshape(*x.shape[:-1], layer.nm16_out_features)

@@ -3,14 +3,15 @@
 # stays warm (~30 s between calls), so the steps are run as back-to-back device calls:
 #
 #   chunk N   : copy .gpuN/chunk_* (one quarter of a tar of the slim vLLM 0.26.0 wheelhouse + the SmolLM2 GGUF +
-#               the gguf wheel; made on the CPU machine, see benchmarks/gpu/README.md) to /tmp/chunks; with N = 1
-#               also unpack .gpudata/data.tar.gz (calibration/eval text, tokenizer) to /tmp/gpudata
-#   install SHA256 : reassemble, install vLLM 0.26.0 + gguf + this project into /tmp/site
-#   kcheck    : GPU kernel tests + the large-M scratch path timed against cuBLAS
+#               the gguf wheel; made on the CPU machine, see benchmarks/gpu/README.md) to /tmp/chunks
+#   install SHA256 : unpack .gpudata/data.tar.gz (calibration/eval text, tokenizer) to /tmp/gpudata, reassemble the
+#               chunks, install vLLM 0.26.0 + gguf + this project into /tmp/site
+#   kcheck    : GPU kernel tests + the kernel benchmark (bench_kernels.py, all shapes and M)
 #   smollm    : benchmarks/gpu/smollm_check.py (default model: compress on the GPU, greedy + perplexity vLLM-GPU vs
 #               the PyTorch path and transformers, `vllm serve` with CUDA graphs + torch.compile answering chat)
 #   make8b    : random Llama-3-8B-shaped bf16 checkpoint + its data-free nm16 packing (benchmarks/pack_random_nm16.py)
-#   e2e MODEL : benchmarks/bench_e2e.py --only MODEL (dense|nm16) on the 8B checkpoints -> $OUT/e2e_MODEL.json
+#   e2e MODEL : benchmarks/bench_e2e.py --only MODEL (dense|nm16) on the 8B checkpoints, with a torch-profiler
+#               record of 16 decode steps per batch size -> $OUT/e2e_MODEL.json
 #
 # Results go to $OUT (the device tool brings them back).
 set -euo pipefail
@@ -27,9 +28,10 @@ use_site() { export PYTHONPATH=$ROOT:$site PATH=$site/bin:$PATH; }
 step=$1; shift
 case "$step" in
 chunk)
-  mkdir -p /tmp/chunks && cp ".gpu$1"/chunk_* /tmp/chunks/ && ls -la /tmp/chunks
-  if [ "$1" = 1 ]; then mkdir -p /tmp/gpudata && tar xzf .gpudata/data.tar.gz -C /tmp/gpudata && ls /tmp/gpudata; fi ;;
+  mkdir -p /tmp/chunks && cp ".gpu$1"/chunk_* /tmp/chunks/ && ls -la /tmp/chunks ;;
 install)
+  # .gpudata rides with this call: a 60 MiB chunk + the tree + the data exceed one call's 64 MiB carry limit
+  mkdir -p /tmp/gpudata && tar xzf .gpudata/data.tar.gz -C /tmp/gpudata && ls /tmp/gpudata
   cat /tmp/chunks/chunk_0* > /tmp/all.tar
   echo "$1  /tmp/all.tar" | sha256sum -c -
   mkdir -p /tmp/bundle && tar xf /tmp/all.tar -C /tmp/bundle && rm /tmp/all.tar
@@ -43,9 +45,9 @@ install)
   ;;
 kcheck)
   use_site
-  python3 -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider 2>&1 | tail -4
-  NM16_SCRATCH_MIN_M=3 python3 benchmarks/bench_kernels.py --shapes "8B qkv,8B o,8B gate_up,8B down" \
-    --ms 4,16,32,64,256,1024,4096 --out "$OUT/kernels_scratch_h100.json" 2>&1 | tail -32 ;;
+  python3 -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/kernels_gpu_tests.log"
+  python3 benchmarks/bench_kernels.py --out "$OUT/kernels_h100.json" > "$OUT/kernels_h100.log" 2>&1
+  tail -3 "$OUT/kernels_h100.log" ;;
 smollm)
   use_site
   NM16_CACHE=/tmp/nm16cache python3 benchmarks/gpu/smollm_check.py --gguf /tmp/bundle/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -60,7 +62,8 @@ make8b)
   du -sh /tmp/llama8b /tmp/llama8b-nm16; echo "make8b took $(( $(date +%s) - t0 )) s" ;;
 e2e)
   use_site
-  python3 benchmarks/bench_e2e.py --only "$1" --dense /tmp/llama8b --nm16 /tmp/llama8b-nm16 --log-dir "$OUT"
+  python3 benchmarks/bench_e2e.py --only "$1" --dense /tmp/llama8b --nm16 /tmp/llama8b-nm16 --log-dir "$OUT" \
+    --profile-tokens 32 --profile-steps 16 --profile-dir /tmp/nm16_profile
   tail -5 "$OUT/e2e_$1.log" ;;
 *)
   echo "unknown step $step" >&2; exit 2 ;;

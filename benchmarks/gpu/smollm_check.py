@@ -2,11 +2,13 @@
 
 1. SmolLM2-135M-Instruct from its GGUF -> bf16 HF folder (the same conversion as `make setup`), compressed with the
    default recipe on the GPU (`offline.compress(..., device="cuda")`, calibration on sotu-calib).
-2. Greedy decoding of several prompts through vLLM with the Triton kernels, in vLLM's default mode (torch.compile +
-   CUDA graphs), vs (a) the same engine with the plugin's PyTorch path (VLLM_NM16_BACKEND=torch) and (b) transformers
-   on the unpacked dense weights (fp32): tokens must agree for >= 32 tokens.
+2. Greedy decoding of several prompts through vLLM (`LLM`) with the Triton kernels, in vLLM's default mode
+   (torch.compile + CUDA graphs), vs transformers on the unpacked dense weights (fp32), token by token
+   (SMOLLM_BACKENDS=triton,torch adds an `LLM` run of the PyTorch path).
 3. Perplexity on sotu-eval through vLLM (prompt logprobs, GPU) vs the offline transformers number: within 1%.
-4. `vllm serve CKPT --quantization nm16` (compile + CUDA graphs on) answers /v1/chat/completions.
+4. `vllm serve CKPT --quantization nm16` (compile + CUDA graphs on), once with the Triton kernels and once with the
+   plugin's PyTorch path (VLLM_NM16_BACKEND=torch), each queried with the openai client: greedy completions of the
+   same prompts (token ids compared) and a chat request.
 
     NM16_CACHE=/tmp/nm16cache python benchmarks/gpu/smollm_check.py --gguf G --calib C --eval E --out OUT_DIR
 """
@@ -82,7 +84,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def serve_check(ckpt: Path, log: Path) -> dict:
+def serve_check(ckpt: Path, log: Path, backend: str) -> dict:
+    """`vllm serve CKPT --quantization nm16` (vLLM defaults: torch.compile + CUDA graphs) with the plugin's
+    ``backend`` ("triton" kernels or the "torch" path), queried with the openai client: greedy completions of
+    PROMPTS (token ids) and one chat request."""
+    import openai
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -90,7 +97,8 @@ def serve_check(ckpt: Path, log: Path) -> dict:
            "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
     t0 = time.perf_counter()
     with open(log, "w") as lf:
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, VLLM_NM16_BACKEND=backend))
     try:
         while time.perf_counter() - t0 < 300:
             if proc.poll() is not None:
@@ -101,13 +109,22 @@ def serve_check(ckpt: Path, log: Path) -> dict:
             except OSError:
                 time.sleep(1)
         ready_s = time.perf_counter() - t0
-        body = {"model": str(ckpt), "messages": [{"role": "user", "content": "Name three colors."}],
-                "max_tokens": 32, "temperature": 0}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
-        return {"ready_s": ready_s, "cmd": " ".join(cmd), "chat": answer["choices"][0]["message"]["content"],
-                "usage": answer.get("usage")}
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        completions = []
+        for p in PROMPTS:
+            r = client.completions.create(model=str(ckpt), prompt=p, max_tokens=GEN_TOKENS, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+            c = r.choices[0].model_dump()
+            completions.append({"text": c["text"], "token_ids": c.get("token_ids")})
+        chat = client.chat.completions.create(model=str(ckpt), temperature=0, max_tokens=32,
+                                              messages=[{"role": "user", "content": "Name three colors."}])
+        text = log.read_text(errors="replace")
+        return {"backend": backend, "ready_s": ready_s, "cmd": " ".join(cmd), "completions": completions,
+                "chat": chat.choices[0].message.content, "chat_usage": chat.usage.model_dump(),
+                # what vLLM logged about compilation and graph capture (proof the run was not eager)
+                "log_graph_lines": [ln[-200:] for ln in text.splitlines()
+                                    if "CUDA graph" in ln or "cudagraph" in ln.lower() or "torch.compile" in ln][:8],
+                "enforce_eager": "enforce_eager=True" in text}
     finally:
         proc.terminate()
         try:
@@ -150,7 +167,7 @@ def main() -> int:
         shutil.copy(ckpt / "nm16_report.json", args.out / "smollm2_nm16_report.json")
 
     runs = {}
-    for backend in os.environ.get("SMOLLM_BACKENDS", "triton,torch").split(","):
+    for backend in os.environ.get("SMOLLM_BACKENDS", "triton").split(","):
         res_file = args.out / f"vllm_{backend}.json"
         env = dict(os.environ, VLLM_NM16_BACKEND=backend)
         t = time.perf_counter()
@@ -183,11 +200,20 @@ def main() -> int:
     if "triton" in runs and "torch" in runs:
         report["greedy_prefix_triton_vs_torch"] = [common_prefix(a, b) for a, b in
                                                    zip(runs["triton"]["tokens"], runs["torch"]["tokens"])]
-    try:
-        if os.environ.get("SMOLLM_SERVE", "1") == "1":
-            report["serve"] = serve_check(ckpt, args.out / "serve.log")
-    except Exception as e:  # noqa: BLE001 - recorded, shown in the summary
-        report["serve_error"] = repr(e)
+    served = {}
+    for backend in filter(None, os.environ.get("SMOLLM_SERVE", "triton,torch").split(",")):
+        t = time.perf_counter()
+        try:
+            served[backend] = report[f"serve_{backend}"] = serve_check(ckpt, args.out / f"serve_{backend}.log",
+                                                                       backend)
+        except Exception as e:  # noqa: BLE001 - recorded, shown in the summary
+            report[f"serve_{backend}_error"] = repr(e)
+        report["steps"][f"serve_{backend}_s"] = time.perf_counter() - t
+    if "triton" in served and "torch" in served:
+        a, b = served["triton"]["completions"], served["torch"]["completions"]
+        report["serve_greedy_prefix_triton_vs_torch"] = [common_prefix(x["token_ids"] or [], y["token_ids"] or [])
+                                                         for x, y in zip(a, b)]
+        report["serve_text_equal_triton_vs_torch"] = [x["text"] == y["text"] for x, y in zip(a, b)]
     (args.out / "smollm_gpu.json").write_text(json.dumps(report, indent=2, default=str))
     summary = {k: v for k, v in report.items() if not k.startswith("texts") and k != "quantization_config"}
     print(json.dumps(summary, indent=1, default=str)[-5000:])

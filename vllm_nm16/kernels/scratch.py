@@ -10,102 +10,136 @@ What it costs and what it does not: no dense weight is *kept* -- the scratch liv
 caching allocator, or the CUDA-graph pool, reuses the same block for every layer), so the peak extra memory is one
 dense copy of the largest layer (235 MB for Llama-3-8B's gate_up at bf16).
 
-* ``_unpack_kernel``: each program owns BR rows x BG groups; per kept value it computes its column (the same
-  position decode as the gemv kernel: LUT16 / NIBBLE32 / BYTE, see layout.py) and scatter-stores the value (times the
-  row's scale, which the format applies to the N:M part only) into a zero-filled scratch.
-* ``_add_outliers_kernel``: a second launch adds the structured outliers (k per (row, B-block); offsets inside a
-  block are distinct, so no two lanes of one launch touch the same element; the launch boundary orders it after the
-  scatter).
+* ``_unpack_kernel``: each program decodes a [rows x cols] tile in registers (the dot kernel's decode: no gathers,
+  no shared memory), merges the tile's structured outliers and the row scale, and writes the tile with full,
+  contiguous row-segment stores. One pass, no zero fill: it reads the packed bytes once and writes the dense bytes
+  once. (The first version scatter-stored each kept value into a zeroed buffer and added outliers in a second
+  read-modify-write launch: ~0.2 TB/s on the H100.)
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from vllm_nm16.kernels.layout import lut_for
-from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _group_words
+
+# Dense bytes decoded per chunk (see scratch_linear); 0 = the whole layer at once. Chunks bound the scratch memory
+# but cost time: on the H100, 4-32 MB chunks were 5-160% slower than one pass at every M and 8B shape
+# (benchmarks/lab/scratch_lab2_h100.json): small unpack grids, no measurable L2 reuse. NM16_SCRATCH_CHUNK_MB sets it.
+SCRATCH_CHUNK_BYTES = int(float(os.environ.get("NM16_SCRATCH_CHUNK_MB", "0")) * 2**20)
+from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
 
 
 @triton.jit
-def _unpack_kernel(wv_ptr, wm_ptr, lut_ptr, scale_ptr, w_ptr, N, G, K,
+def _unpack_kernel(wv_ptr, wm_ptr, lut_ptr, scale_ptr, ov_ptr, oi_ptr, w_ptr, N, G, K,
                    NK: tl.constexpr, MG: tl.constexpr, POS_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_OUT: tl.constexpr, OB: tl.constexpr, OK: tl.constexpr,
                    BR: tl.constexpr, BG: tl.constexpr):
+    """Dense rows [BR] x columns [BG*MG] of ``scale * W_nm + W_out``, decoded in registers, stored contiguously.
+
+    The tile is decoded like the dot kernel's (8:16: the register-only split/select/join decode; other N:M: compare
+    each kept value's position with the group's columns), so every store is a full, coalesced row segment and the
+    scratch needs no zero fill. Outliers are merged into the tile before the store (the launcher makes the tile lie
+    inside one outlier block), so no second read-modify-write pass over the scratch is needed."""
+    BK: tl.constexpr = BG * MG
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     g = tl.program_id(1) * BG + tl.arange(0, BG)
     i = tl.arange(0, NK)
-    rmask = r < N
+    r_ld = tl.minimum(r, N - 1)          # clamped rows re-read a valid row; their stores are masked
     g_ok = g < G
-    m2 = rmask[:, None] & g_ok[None, :]
-    m3 = m2[:, :, None]
-    r64 = r.to(tl.int64)
-    vidx = (r64[:, None, None] * G + g[None, :, None]) * NK + i[None, None, :]
-    v = tl.load(wv_ptr + vidx, mask=m3, other=0.0)
-    if POS_MODE < 2:     # 8:16: nibble word per group (bitmask through the byte LUT, or stored), as the GEMM kernels
-        word = _group_words(wm_ptr, lut_ptr, tl.minimum(r, N - 1), g, g_ok, G, POS_MODE)
-        pos = (word[:, :, None] >> (4 * i)[None, None, :]) & 15
-    else:                # one uint8 position per kept value
-        pos = tl.load(wm_ptr + vidx, mask=m3, other=0).to(tl.int32)
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + r, mask=rmask, other=1.0)
-        v = v.to(tl.float32) * s[:, None, None]
-    col = g[None, :, None] * MG + pos
-    tl.store(w_ptr + r64[:, None, None] * K + col, v.to(w_ptr.dtype.element_ty), mask=m3)
+    r64 = r_ld.to(tl.int64)
+    v = tl.load(wv_ptr + (r64[:, None, None] * G + g[None, :, None]) * NK + i[None, None, :],
+                mask=g_ok[None, :, None], other=0.0)
+    if HAS_SCALE:   # the format's scale multiplies the N:M part only: apply it to the values before decoding
+        v = v.to(tl.float32) * tl.load(scale_ptr + r_ld)[:, None, None]
+    v = v.to(w_ptr.dtype.element_ty)
+    if NK == 8 and MG == 16 and POS_MODE != 2:
+        dense = _decode_tile_816(_group_words(wm_ptr, lut_ptr, r_ld, g, g_ok, G, POS_MODE), v, BR, BG)
+    else:
+        pos = _positions(wm_ptr, lut_ptr, r_ld, g, g_ok, G, NK, POS_MODE)
+        hit = pos[:, :, :, None] == tl.arange(0, MG)[None, None, None, :]
+        dense = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, :, None], 0.0), axis=2)
+        dense = tl.reshape(dense, (BR, BK)).to(w_ptr.dtype.element_ty)
+    c0 = tl.program_id(1) * BK
+    k = tl.arange(0, BK)
+    if HAS_OUT:
+        # The tile's columns lie in outlier block c0 // OB (launcher: OB % BK == 0); add that block's OK outliers
+        # of each row where their column falls inside the tile (one compare + select per outlier and element).
+        blk = c0 // OB
+        KO = (K // OB) * OK
+        local_base = blk * OB - c0
+        tile = dense.to(tl.float32)
+        for t in tl.static_range(OK):
+            o_off = r64 * KO + blk * OK + t
+            ov = tl.load(ov_ptr + o_off).to(tl.float32)
+            col = local_base + (tl.load(oi_ptr + o_off).to(tl.int32) & 0xFFFF)
+            tile = tl.where(col[:, None] == k[None, :], tile + ov[:, None], tile)
+        dense = tile.to(w_ptr.dtype.element_ty)
+    cols = c0 + k
+    tl.store(w_ptr + r.to(tl.int64)[:, None] * K + cols[None, :], dense,
+             mask=(r < N)[:, None] & (cols < K)[None, :])
 
 
-@triton.jit
-def _add_outliers_kernel(ov_ptr, oi_ptr, w_ptr, N, NB, K,
-                         OK: tl.constexpr, OKP: tl.constexpr, OB: tl.constexpr, BR: tl.constexpr,
-                         BB: tl.constexpr):
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    b = tl.program_id(1) * BB + tl.arange(0, BB)
-    j = tl.arange(0, OKP)
-    m3 = (r < N)[:, None, None] & (b < NB)[None, :, None] & (j < OK)[None, None, :]
-    r64 = r.to(tl.int64)
-    idx = (r64[:, None, None] * NB + b[None, :, None]) * OK + j[None, None, :]
-    ov = tl.load(ov_ptr + idx, mask=m3, other=0.0).to(tl.float32)
-    off = tl.load(oi_ptr + idx, mask=m3, other=0).to(tl.int32)
-    addr = w_ptr + r64[:, None, None] * K + b[None, :, None] * OB + off
-    cur = tl.load(addr, mask=m3, other=0.0).to(tl.float32)
-    tl.store(addr, (cur + ov).to(w_ptr.dtype.element_ty), mask=m3)
+def _tile_groups(m: int, outlier_block: int | None, has_out: bool, want_cols: int = 128) -> int:
+    """Groups per tile: ``want_cols`` columns, a power of two, and (with outliers) a divisor of the outlier block so
+    each tile lies inside one block."""
+    cols = want_cols
+    if has_out:
+        cols = min(cols, outlier_block & -outlier_block)   # largest power of two dividing the block
+    return max(1, cols // m)
 
 
 def unpack_to_dense(wv, wm, ov, oi, scale, *, n: int, m: int, outlier_block: int | None, outliers_per_block: int,
-                    in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's effective weight ``scale * W_nm + W_out`` as a fresh dense [out, in] tensor of ``dtype``."""
+                    in_features: int, out_features: int, dtype: torch.dtype, rows: int = 16,
+                    cols: int = 256, num_warps: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's effective weight ``scale * W_nm + W_out`` as a dense [out, in] tensor of ``dtype``: ``out`` if
+    given (tests poison it), else a fresh ``torch.empty`` buffer (every element is written). ``rows`` x ``cols``
+    elements per program (cols capped to fit the outlier block): 16 x 256 with 4 warps was the best of 18 configs on
+    all four Llama-3-8B shapes on the H100, 1.7-1.9 TB/s of read + write traffic (benchmarks/lab/scratch_lab1_h100.json)."""
     N, K = out_features, in_features
     G = K // m
-    w = torch.zeros((N, K), dtype=dtype, device=wv.device)
+    has_out = bool(outliers_per_block)
+    BG = _tile_groups(m, outlier_block, has_out, cols)
+    if BG * m < 16 or (has_out and outlier_block % (BG * m)):
+        raise ValueError(f"nm16 scratch: no tile of >= 16 columns fits the outlier block {outlier_block} ({n}:{m})")
+    w = torch.empty((N, K), dtype=dtype, device=wv.device) if out is None else out
     pos_mode = _POS_MODE_OF_DTYPE[wm.dtype]
     lut = lut_for(wv.device) if pos_mode == 0 else wm
-    BR, BG = 16, 32
-    _unpack_kernel[(triton.cdiv(N, BR), triton.cdiv(G, BG))](
-        wv, wm, lut, scale if scale is not None else wv, w, N, G, K, NK=n, MG=m, POS_MODE=pos_mode,
-        HAS_SCALE=scale is not None, BR=BR, BG=BG, num_warps=4)
-    if outliers_per_block:
-        NB = K // outlier_block
-        BB = 8
-        _add_outliers_kernel[(triton.cdiv(N, BR), triton.cdiv(NB, BB))](
-            ov, oi, w, N, NB, K, OK=outliers_per_block, OKP=triton.next_power_of_2(outliers_per_block),
-            OB=outlier_block, BR=BR, BB=BB, num_warps=4)
+    _unpack_kernel[(triton.cdiv(N, rows), triton.cdiv(G, BG))](
+        wv, wm, lut, scale if scale is not None else wv, ov if has_out else wv, oi if has_out else wv, w, N, G, K,
+        NK=n, MG=m, POS_MODE=pos_mode, HAS_SCALE=scale is not None, HAS_OUT=has_out,
+        OB=outlier_block if has_out else 1, OK=outliers_per_block if has_out else 1, BR=rows, BG=BG,
+        num_warps=num_warps)
     return w
 
 
 def scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block, outliers_per_block, in_features,
-                   out_features, out=None):
-    w = unpack_to_dense(wv, wm, ov, oi, scale, n=n, m=m, outlier_block=outlier_block,
-                        outliers_per_block=outliers_per_block, in_features=in_features, out_features=out_features,
-                        dtype=x2d.dtype)
-    b = None
-    if shift is not None:
-        b = shift.to(x2d.dtype)
+                   out_features, out=None, chunk_bytes: int | None = None):
+    """``y = x @ W_eff.T + shift + bias`` by decoding W_eff into a scratch and calling cuBLAS; with ``chunk_bytes``
+    > 0, that many bytes of dense weight (whole rows) at a time into one reused buffer (bounds the scratch memory;
+    the hope that an L2-sized chunk would skip the HBM round trip did not pan out, see SCRATCH_CHUNK_BYTES)."""
+    M = x2d.shape[0]
+    N, K = out_features, in_features
+    if chunk_bytes is None:
+        chunk_bytes = SCRATCH_CHUNK_BYTES
+    rows = N if not chunk_bytes else min(N, max(16, chunk_bytes // (K * x2d.element_size()) // 16 * 16))
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
+    buf = torch.empty((rows, K), dtype=x2d.dtype, device=x2d.device)
+    common = dict(n=n, m=m, outlier_block=outlier_block, outliers_per_block=outliers_per_block, in_features=K,
+                  dtype=x2d.dtype)
+    for r0 in range(0, N, rows):  # a Python loop over a static count: CUDA-graph safe
+        r1 = min(N, r0 + rows)
+        part = lambda t: None if t is None else t[r0:r1]  # noqa: E731  (all weight tensors are row-major by output)
+        w = unpack_to_dense(wv[r0:r1], wm[r0:r1], part(ov), part(oi), part(scale), out_features=r1 - r0,
+                            out=buf[: r1 - r0], **common)
+        torch.mm(x2d, w.t(), out=y[:, r0:r1])  # cuBLAS writes the column slice in place (ldc = N)
+    b = None if shift is None else shift.to(y.dtype)
     if bias is not None:
-        b = bias.to(x2d.dtype) if b is None else b + bias.to(x2d.dtype)
-    if out is None:
-        return F.linear(x2d, w, b)
-    torch.matmul(x2d, w.t(), out=out)
+        b = bias.to(y.dtype) if b is None else b + bias.to(y.dtype)
     if b is not None:
-        out.add_(b)
-    return out
+        y.add_(b)
+    return y

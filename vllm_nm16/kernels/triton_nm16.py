@@ -396,7 +396,8 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
 
         return scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
                               outliers_per_block=outliers_per_block, in_features=in_features,
-                              out_features=out_features, out=out)
+                              out_features=out_features, out=out,
+                              chunk_bytes=int(cfg["chunk_mb"] * 2**20) if "chunk_mb" in cfg else None)
     dummy = y
     G = K // m
     common = dict(NK=n, MG=m, POS_MODE=pos_mode, OB=outlier_block if has_out else 1,
