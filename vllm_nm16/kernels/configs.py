@@ -16,9 +16,11 @@ TABLE_PATH = Path(__file__).with_name("configs_h100.json")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Largest M the gemv (CUDA-core, gather-x) kernel serves by default; above it the tile is decoded for tl.dot.
 GEMV_MAX_M = 2
-# From this M on, the layer is decoded into a transient dense scratch and multiplied by cuBLAS (kernels/scratch.py):
-# the fused tile decode measured 0.02-0.65x cuBLAS there. NM16_SCRATCH_MIN_M overrides it (0 disables the path).
-SCRATCH_MIN_M = int(os.environ.get("NM16_SCRATCH_MIN_M", "32"))
+# From this M on, the layer is decoded into a transient dense scratch and multiplied by cuBLAS (kernels/scratch.py).
+# On the H100 with the default outliers: M <= 16, the split-K dot kernel 0.41-0.65x cuBLAS vs scratch 0.31-0.39x;
+# from the M = 32 bucket on, the dot kernel 0.02-0.17x vs scratch 0.31-0.9x (benchmarks/lab/scratch_lab2_h100.json,
+# kernels_h100.json). NM16_SCRATCH_MIN_M overrides it (0 disables the path).
+SCRATCH_MIN_M = int(os.environ.get("NM16_SCRATCH_MIN_M", "17"))
 
 
 def m_bucket(M: int) -> int:
