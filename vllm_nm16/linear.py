@@ -35,6 +35,7 @@ from vllm.model_executor.layers.linear import (LinearMethodBase, MergedColumnPar
                                                RowParallelLinear, register_weight_loader_v2_supported_method)
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLMParameter
 
+from vllm_nm16 import compat
 from vllm_nm16 import format as fmt
 from vllm_nm16 import ops
 from vllm_nm16.config import NM16Config
@@ -60,6 +61,8 @@ class NM16LinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any):
         spec = self.spec
+        # The Triton and the PyTorch path give the layer different tensors: keep their compiled graphs apart.
+        compat.tag_compile_cache("nm16_backend", ops.backend_name())
         names = self.quant_config.checkpoint_names(self.prefix)
         fmt.check_in_features(spec, input_size, f"{', '.join(names)}")
         if input_size_per_partition % spec.k_multiple():

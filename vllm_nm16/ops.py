@@ -36,6 +36,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("VLLM_NM16_BACKEND", "triton").lower() != "torch"
 
 
+def backend_name() -> str:
+    """The path this process's layers take: "triton" (CUDA) or "torch" (the compile-cache tag, see compat)."""
+    return "triton" if torch.cuda.is_available() and \
+        os.environ.get("VLLM_NM16_BACKEND", "triton").lower() != "torch" else "torch"
+
+
 # --------------------------------------------------------------------------------------------------- CPU weight path
 _LUT_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
 

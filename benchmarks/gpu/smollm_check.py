@@ -167,7 +167,7 @@ def main() -> int:
         shutil.copy(ckpt / "nm16_report.json", args.out / "smollm2_nm16_report.json")
 
     runs = {}
-    for backend in os.environ.get("SMOLLM_BACKENDS", "triton").split(","):
+    for backend in filter(None, os.environ.get("SMOLLM_BACKENDS", "triton").split(",")):
         res_file = args.out / f"vllm_{backend}.json"
         env = dict(os.environ, VLLM_NM16_BACKEND=backend)
         t = time.perf_counter()
