@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REL_ERR_BOUND = 1e-2  # bf16 output rounding (~3e-3 measured), fp32 accumulation
+REL_ERR_BOUND_FP32 = 1e-5  # fp32 output (products of bf16 values and fp32 x, fp32 sums)
 REL_ERR_BOUND_FP16 = 2e-3  # fp16 output (~3e-4 measured): tight enough that a wrong decode of a few groups shows
 
 # (name, n, m, N, K, M, dtype, outliers (B, k) or None, scale, shift, bias, pos_mode, config override)
@@ -48,6 +49,10 @@ CASES = [
      None),
     ("mixed_bf16_weights_fp16_x_m40", 8, 16, 24, 512, 40, "bfloat16>float16", (256, 4), True, True, True, None,
      None),
+    # fp32 activations (vLLM --dtype float32; values cast up at load): exact fp32 dot (no TF32)
+    ("fp32_x_m1", 8, 16, 24, 512, 1, "bfloat16>float32", (256, 4), True, True, True, None, None),
+    ("fp32_x_m7", 8, 16, 24, 512, 7, "bfloat16>float32", (256, 4), True, True, True, None, None),
+    ("fp32_x_m40", 8, 16, 24, 512, 40, "bfloat16>float32", (256, 4), True, True, True, None, None),
     ("n816_k_odd_groups_m16", 8, 16, 17, 208, 16, "bfloat16", None, True, True, True, None, None),
     # large-M path: decode into a transient dense scratch + matmul (kernels/scratch.py)
     ("scratch_m40_bf16_all", 8, 16, 37, 512, 40, "bfloat16", (256, 4), True, True, True, None, SCRATCH),
@@ -107,8 +112,8 @@ def run_case(case, device: str) -> dict:
         w = w.cpu().double()
         finite = finite and bool(torch.isfinite(w).all())
         err = max(err, float((w - w_ref).norm() / w_ref.norm())) if finite else float("nan")
-    return {"name": name, "finite": finite, "rel_err": err, "bound": REL_ERR_BOUND if xdt == torch.bfloat16 else
-            REL_ERR_BOUND_FP16}
+    bound = {torch.bfloat16: REL_ERR_BOUND, torch.float16: REL_ERR_BOUND_FP16}.get(xdt, REL_ERR_BOUND_FP32)
+    return {"name": name, "finite": finite, "rel_err": err, "bound": bound}
 
 
 if __name__ == "__main__":

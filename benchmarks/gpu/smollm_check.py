@@ -94,7 +94,8 @@ def serve_check(ckpt: Path, log: Path, backend: str) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = ["vllm", "serve", str(ckpt), "--quantization", "nm16", "--host", "127.0.0.1", "--port", str(port),
-           "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
+           "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
+           "--dtype", os.environ.get("SMOLLM_SERVE_DTYPE", "bfloat16")]
     t0 = time.perf_counter()
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
