@@ -10,6 +10,7 @@
 #   smollm    : benchmarks/gpu/smollm_check.py (default model: compress on the GPU, greedy + perplexity vLLM-GPU vs
 #               the PyTorch path and transformers, `vllm serve` with CUDA graphs + torch.compile answering chat)
 #   make8b    : random Llama-3-8B-shaped bf16 checkpoint + its data-free nm16 packing (benchmarks/pack_random_nm16.py)
+#   serve8b   : `vllm serve /tmp/llama8b-nm16 --quantization nm16` (defaults) answers completions + chat (openai client)
 #   e2e MODEL : benchmarks/bench_e2e.py --only MODEL (dense|nm16) on the 8B checkpoints, with a torch-profiler
 #               record of 16 decode steps per batch size -> $OUT/e2e_MODEL.json
 #
@@ -65,6 +66,9 @@ e2e)
   python3 benchmarks/bench_e2e.py --only "$1" --dense /tmp/llama8b --nm16 /tmp/llama8b-nm16 --log-dir "$OUT" \
     --profile-tokens 32 --profile-steps 16 --profile-dir /tmp/nm16_profile
   tail -5 "$OUT/e2e_$1.log" ;;
+serve8b)
+  use_site
+  python3 benchmarks/gpu/smollm_check.py --serve-only /tmp/llama8b-nm16 --out "$OUT/serve8b" ;;
 *)
   echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -141,9 +141,21 @@ def main() -> int:
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-only", type=Path, metavar="CKPT",
+                    help="only the `vllm serve` check (Triton path) of another nm16 checkpoint, e.g. the 8B one")
+    if "--serve-only" in sys.argv:  # the other arguments are not needed then
+        for a in ap._actions:
+            a.required = False
     args = ap.parse_args()
     if args.child:
         vllm_child(*args.child)
+        return 0
+    if args.serve_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        res = serve_check(args.serve_only, args.out / "serve.log", "triton")
+        (args.out / "serve_check.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps({k: res[k] for k in ("ready_s", "chat", "chat_usage", "enforce_eager")}, indent=1))
+        print(f"graph capture lines in the log: {sum('CUDA graph' in ln for ln in res['log_graph_lines'])}")
         return 0
     import offline
     from offline.assets import convert_gguf_to_hf, default_calib_path, default_eval_path, default_model_dir
