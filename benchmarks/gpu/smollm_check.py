@@ -117,11 +117,15 @@ def serve_check(ckpt: Path, log: Path, backend: str) -> dict:
                                           extra_body={"ignore_eos": True, "return_token_ids": True})
             c = r.choices[0].model_dump()
             completions.append({"text": c["text"], "token_ids": c.get("token_ids")})
-        chat = client.chat.completions.create(model=str(ckpt), temperature=0, max_tokens=32,
-                                              messages=[{"role": "user", "content": "Name three colors."}])
+        try:
+            chat = client.chat.completions.create(model=str(ckpt), temperature=0, max_tokens=32,
+                                                  messages=[{"role": "user", "content": "Name three colors."}])
+            chat_text, chat_usage = chat.choices[0].message.content, chat.usage.model_dump()
+        except openai.APIError as e:  # recorded; the completions above still count
+            chat_text, chat_usage = f"error: {e!r}", None
         text = log.read_text(errors="replace")
         return {"backend": backend, "ready_s": ready_s, "cmd": " ".join(cmd), "completions": completions,
-                "chat": chat.choices[0].message.content, "chat_usage": chat.usage.model_dump(),
+                "chat": chat_text, "chat_usage": chat_usage,
                 # what vLLM logged about compilation and graph capture (proof the run was not eager)
                 "log_graph_lines": [ln[-200:] for ln in text.splitlines()
                                     if "CUDA graph" in ln or "cudagraph" in ln.lower() or "torch.compile" in ln][:8],
