@@ -184,9 +184,7 @@ class NM16LinearMethod(LinearMethodBase):
         for p in expected:
             delattr(layer, p)
         # Only real tensors go on the layer; which parts exist is recorded on this (per-layer) method object, a
-        # Python constant for torch.compile. (A module attribute set to None was the one difference between the
-        # Triton and the PyTorch path -- whose prepare() folds the scale away -- when the latter failed in vLLM
-        # 0.26's compiled CUDA forward with "KeyError: 'nm16_scale'".)
+        # Python constant for torch.compile, instead of module attributes holding None.
         self.parts = {name: t is not None for name, t in prepared.items()}
         for name, t in prepared.items():
             if t is not None:

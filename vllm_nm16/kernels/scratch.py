@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 
 from vllm_nm16.kernels.layout import lut_for
+from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
 
 # Dense bytes decoded per chunk (see scratch_linear); 0 = the whole layer at once. Chunks bound the scratch memory
-# but cost time: on the H100, 4-32 MB chunks were 5-160% slower than one pass at every M and 8B shape
+# but cost time: on the H100, 4-32 MB chunks were never faster than one pass (0-190% slower, 8B shapes, M 16-4096)
 # (benchmarks/lab/scratch_lab2_h100.json): small unpack grids, no measurable L2 reuse. NM16_SCRATCH_CHUNK_MB sets it.
 SCRATCH_CHUNK_BYTES = int(float(os.environ.get("NM16_SCRATCH_CHUNK_MB", "0")) * 2**20)
-from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _unpack_kernel(wv_ptr, wm_ptr, lut_ptr, scale_ptr, ov_ptr, oi_ptr, w_ptr, N,
              mask=(r < N)[:, None] & (cols < K)[None, :])
 
 
-def _tile_groups(m: int, outlier_block: int | None, has_out: bool, want_cols: int = 128) -> int:
+def _tile_groups(m: int, outlier_block: int | None, has_out: bool, want_cols: int) -> int:
     """Groups per tile: ``want_cols`` columns, a power of two, and (with outliers) a divisor of the outlier block so
     each tile lies inside one block."""
     cols = want_cols

@@ -422,8 +422,10 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
         out_merge = has_out and outlier_block % (BG * m) == 0 and cfg.get("out_merge", False)
         out_xt = has_out and not out_merge and BM >= 32
         xt = x2d.t().contiguous() if out_xt else x2d
+        # fp32 activations (vLLM --dtype float32) get an exact fp32 dot, not TF32; the interpreter needs fp32 too.
+        dot_fp32 = _interpreted() or x2d.dtype == torch.float32
         compiled = _nm16_dot_kernel[grid](*args, **common, EVEN_G=G % BG == 0 and G % g_per == 0,
-                                          DOT_FP32=_interpreted() or x2d.dtype == torch.float32, BM=BM, BN=BN, BG=BG, BO=BO,
+                                          DOT_FP32=dot_fp32, BM=BM, BN=BN, BG=BG, BO=BO,
                                           GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, G_PER_SPLIT=g_per,
                                           ws_ptr=ws, OUT_MERGE=out_merge, OKP=_next_pow2(common["OK"]),
                                           xt_ptr=xt, OUT_XT=out_xt,
