@@ -30,16 +30,19 @@ from vllm_nm16 import format as fmt
 OP_NAME = "nm16::linear"
 
 
+def _torch_path_requested() -> bool:
+    return os.environ.get("VLLM_NM16_BACKEND", "triton").lower() == "torch"
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors run the Triton kernels unless ``VLLM_NM16_BACKEND=torch`` asks for the PyTorch path (the
     reference the GPU checks compare the kernels against; read when weights are prepared and at every call)."""
-    return t.is_cuda and os.environ.get("VLLM_NM16_BACKEND", "triton").lower() != "torch"
+    return t.is_cuda and not _torch_path_requested()
 
 
 def backend_name() -> str:
     """The path this process's layers take: "triton" (CUDA) or "torch" (the compile-cache tag, see compat)."""
-    return "triton" if torch.cuda.is_available() and \
-        os.environ.get("VLLM_NM16_BACKEND", "triton").lower() != "torch" else "torch"
+    return "triton" if torch.cuda.is_available() and not _torch_path_requested() else "torch"
 
 
 # --------------------------------------------------------------------------------------------------- CPU weight path
