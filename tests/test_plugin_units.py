@@ -114,3 +114,21 @@ def test_check_names():
                        ("model.layers.0.mlp.up_proj.weight", "up_proj.weight: stored dense")):
         with pytest.raises(fmt.NM16FormatError, match=msg):
             check_names(base + [extra], spec, DEFAULT_FUSED_MODULES)
+
+
+def test_compile_cache_tag_changes_vllm_config_hash():
+    """The Triton and PyTorch paths must not share vLLM's compiled-graph cache (an AOT-compiled Triton forward reloaded
+    for VLLM_NM16_BACKEND=torch failed on vLLM 0.26): the tag must reach the hash that names the cache."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from vllm_nm16 import compat
+
+    hashes = []
+    for value in ("triton", "torch"):
+        cfg = VllmConfig()
+        with set_current_vllm_config(cfg):
+            compat.tag_compile_cache("nm16_backend", value)
+        assert cfg.additional_config["nm16_backend"] == value
+        hashes.append(cfg.compute_hash())
+    assert hashes[0] != hashes[1]
+    assert ops.backend_name() == ("triton" if torch.cuda.is_available() else "torch")
