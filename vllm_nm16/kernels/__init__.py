@@ -4,7 +4,8 @@ Importing this package is cheap and needs neither CUDA nor Triton: the Triton mo
 
 * :func:`repack` -- once per layer (``process_weights_after_loading``): on-disk tensors -> the kernels' layout.
 * :func:`nm16_linear` -- ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M, K] bf16/fp16, fp32
-  accumulation; the decode (gemv) or tile-decode + ``tl.dot`` kernel is picked from ``x.shape[0]`` (a Python int), so
+  accumulation; the decode (gemv, M <= 2), tile-decode + ``tl.dot`` (M 3..16) or decode-to-scratch + cuBLAS (M >= 17,
+  scratch.py) path is picked from ``x.shape[0]`` (a Python int), so
   it is CUDA-graph and torch.compile safe (no host syncs, no data-dependent shapes, output from ``torch.empty``).
 * :func:`reference_linear` -- the same function in float64 through ``format.unpack`` (tests, benchmarks).
 """

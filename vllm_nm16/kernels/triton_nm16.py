@@ -1,6 +1,7 @@
 """Triton kernels for ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` on the nm16 layout (see layout.py).
 
-Two kernels, picked by the number of rows M of x (a Python int, so the choice is fixed at trace/capture time):
+Two kernels, picked by the number of rows M of x (a Python int, so the choice is fixed at trace/capture time); from
+M = configs.SCRATCH_MIN_M on, the launcher hands over to scratch.py (decode into a transient dense buffer + cuBLAS):
 
 * ``_nm16_gemv_kernel`` (decode, small M): each program owns BN output rows and walks K one tile of BG groups at a
   time. Per kept value it extracts the 4-bit position, gathers ``x[row, g*M + pos]`` (x is tiny and stays in L1)
