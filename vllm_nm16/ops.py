@@ -79,6 +79,15 @@ def keep_offsets(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return order.to(torch.uint8).contiguous()
 
 
+def output_bias(shift: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """shift + bias in the output dtype (either may be None): what the dense-GEMM paths (CPU and the GPU scratch
+    path) add after the matmul."""
+    b = None if shift is None else shift.to(dtype)
+    if bias is not None:
+        b = bias.to(dtype) if b is None else b + bias.to(dtype)
+    return b
+
+
 def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, bias, m, in_features, out_features):
     out_f, groups, n = offsets.shape
     w = torch.zeros((out_f, groups, m), dtype=x.dtype, device=x.device)
@@ -86,12 +95,7 @@ def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, b
     w = w.view(out_features, in_features)
     if outlier_values is not None:
         w.view(-1).index_put_((outlier_flat_index,), outlier_values.to(x.dtype), accumulate=True)
-    b = None
-    if shift is not None:
-        b = shift.to(x.dtype)
-    if bias is not None:
-        b = bias.to(x.dtype) if b is None else b + bias.to(x.dtype)
-    return F.linear(x, w, b)
+    return F.linear(x, w, output_bias(shift, bias, x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------------ the op

@@ -140,17 +140,16 @@ def serve_check(ckpt: Path, log: Path, backend: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", type=Path, required=True)
-    ap.add_argument("--calib", type=Path, required=True)
-    ap.add_argument("--eval", type=Path, required=True)
+    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--calib", type=Path)
+    ap.add_argument("--eval", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--serve-only", type=Path, metavar="CKPT",
                     help="only the `vllm serve` check (Triton path) of another nm16 checkpoint, e.g. the 8B one")
-    if "--serve-only" in sys.argv:  # the other arguments are not needed then
-        for a in ap._actions:
-            a.required = False
     args = ap.parse_args()
+    if not args.serve_only and not (args.gguf and args.calib and args.eval):
+        ap.error("--gguf, --calib and --eval are required (unless --serve-only)")
     if args.child:
         vllm_child(*args.child)
         return 0

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from vllm_nm16.kernels.layout import lut_for
 from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
+from vllm_nm16.ops import output_bias
 
 # Dense bytes decoded per chunk (see scratch_linear); 0 = the whole layer at once. Chunks bound the scratch memory
 # but cost time: on the H100, 4-32 MB chunks were never faster than one pass (0-190% slower, 8B shapes, M 16-4096)
@@ -137,9 +138,7 @@ def scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_blo
         w = unpack_to_dense(wv[r0:r1], wm[r0:r1], part(ov), part(oi), part(scale), out_features=r1 - r0,
                             out=buf[: r1 - r0], **common)
         torch.mm(x2d, w.t(), out=y[:, r0:r1])  # cuBLAS writes the column slice in place (ldc = N)
-    b = None if shift is None else shift.to(y.dtype)
-    if bias is not None:
-        b = bias.to(y.dtype) if b is None else b + bias.to(y.dtype)
+    b = output_bias(shift, bias, y.dtype)
     if b is not None:
         y.add_(b)
     return y
