@@ -1,7 +1,8 @@
 """nm16 kernels vs cuBLAS dense (`F.linear`) on Llama-3 8B/70B linear shapes (GPU), and the plot/table maker (CPU).
 
-    python3 benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json      # on the GPU host
-    python benchmarks/bench_kernels.py --plot benchmarks/results/kernels_h100.json      # here: PNG + markdown
+    python3 benchmarks/bench_kernels.py --out benchmarks/results/kernels_h200.json      # on the GPU host
+    python benchmarks/bench_kernels.py --plot benchmarks/results/kernels_h200.json      # here: PNG + markdown
+    python3 benchmarks/bench_kernels.py --shapes 8B o,2048x5632 --ms 1,16               # presets or NxK literals
 
 Per shape: a random 8:16 layer (bf16) with the default outlier budget (k per block of B columns, --outliers-k /
 --outlier-block) and a per-row scale; each kernel path is first checked against a float64 reference. Then per M:
@@ -32,6 +33,40 @@ SHAPES = {  # name: (N = out_features, K = in_features)
     "70B o": (8192, 8192), "70B gate_up": (57344, 8192), "70B down": (8192, 28672),
 }
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+def parse_shapes(spec: str) -> dict[str, tuple[int, int]]:
+    """Comma-separated preset names (SHAPES) or ``NxK`` literals (out_features x in_features); empty = all presets."""
+    if not spec:
+        return dict(SHAPES)
+    out = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in SHAPES:
+            out[item] = SHAPES[item]
+            continue
+        try:
+            n_str, k_str = item.lower().split("x")
+            out[item] = (int(n_str), int(k_str))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is neither a preset ({', '.join(SHAPES)}) nor NxK") from None
+    return out
+
+
+def kernel_name(N: int, K: int, M: int, B: int) -> str:
+    """The kernel nm16_linear runs for this call (mirrors kernels._small_m_kernel + configs.pick_config)."""
+    import torch
+
+    from vllm_nm16.kernels.configs import pick_config
+    from vllm_nm16.kernels.gluon_nm16 import can_implement
+
+    x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+    wv = torch.empty(0, device="cuda", dtype=torch.bfloat16)
+    wm = torch.empty(0, device="cuda", dtype=torch.int16)
+    from vllm_nm16.kernels import GLUON_M1_MIN_WEIGHTS
+
+    if can_implement(M, N, K, 8, 16, x, wv, wm)[0] and (M > 1 or N * K >= GLUON_M1_MIN_WEIGHTS):
+        return "gluon"
+    return pick_config(N, K, M, outlier_block=B)["kernel"]
 
 
 def measure(args) -> dict:
@@ -96,7 +131,7 @@ def measure(args) -> dict:
           f"bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
 
     k, B = args.outliers_k, args.outlier_block
-    shapes = {n: s for n, s in SHAPES.items() if not args.shapes or n in args.shapes.split(",")}
+    shapes = parse_shapes(args.shapes)
     ms = [int(v) for v in args.ms.split(",")] if args.ms else list(MS)
     layers, checks = {}, []
     for name, (N, K) in shapes.items():
@@ -129,6 +164,8 @@ def measure(args) -> dict:
         dense_us = graph_us([lambda w=w: F.linear(x, w) for w in Ws])
         del Ws
         cfg = pick_config(N, K, M, outlier_block=B)
+        kname = kernel_name(N, K, M, B)
+        triton_us = None
         fulls = [full] + [tuple(t.clone() for t in full) for _ in range(copies_for(N * K * 1.125) - 1)]
         for with_out in (True, False):
             if with_out:
@@ -152,13 +189,20 @@ def measure(args) -> dict:
                          "floor_us": floor_us, "pct_of_floor": 100 * floor_us / us,
                          "dense_pct_of_floor": 100 * max((2 * N * K + 2 * M * (K + N)) / bw,
                                                          2 * M * N * K / flops) * 1e6 / dense_us,
-                         "outliers": with_out, "scale": with_out, "kernel": cfg["kernel"], "config": cfg,
+                         "outliers": with_out, "scale": with_out, "kernel": kname,
+                         "config": {"kernel": "gluon"} if kname == "gluon" else cfg,
                          "weight_copies": len(fulls)})
+        if M <= 16:  # the previous (Triton) kernel on the same call, for "not slower than main"
+            triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
+                                                          outliers_per_block=k, in_features=K, out_features=N,
+                                                          config=cfg) for f in fulls])
+            rows[-2]["triton_us"] = triton_us
+            rows[-2]["speedup_vs_triton"] = triton_us / rows[-2]["nm16_us"]
         del fulls
         r0, r1 = rows[-2], rows[-1]
         print(f"{name:<12} M={M:<5} dense {dense_us:8.1f}  nm16 {r0['nm16_us']:8.1f} ({r0['speedup']:.2f}x, "
               f"{r0['pct_of_floor']:.0f}% floor)  bare {r1['nm16_us']:8.1f} ({r1['speedup']:.2f}x, "
-              f"{r1['pct_of_floor']:.0f}%)", flush=True)
+              f"{r1['pct_of_floor']:.0f}%)  {kname}" + (f"  triton {triton_us:.1f}" if triton_us else ""), flush=True)
         out = {"header": header, "checks": checks, "rows": rows}
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
@@ -213,9 +257,9 @@ def plot(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
+    ap.add_argument("--out", default="benchmarks/results/kernels_h200.json")
     ap.add_argument("--plot", type=Path, help="make the PNG and markdown table from a results JSON (no GPU)")
-    ap.add_argument("--shapes", default="", help="comma-separated subset of: " + ",".join(SHAPES))
+    ap.add_argument("--shapes", default="", help="comma-separated presets (" + ", ".join(SHAPES) + ") or NxK literals")
     ap.add_argument("--ms", default="", help="comma-separated M values (default: all)")
     ap.add_argument("--outliers-k", type=int, default=4)
     ap.add_argument("--outlier-block", type=int, default=256)

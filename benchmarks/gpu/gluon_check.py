@@ -1,0 +1,65 @@
+"""GPU check of the Gluon fragment kernel vs float64 (format.unpack), plus a quick timing vs cuBLAS and the Triton
+kernels. Run on the GPU host: python3 benchmarks/gpu/gluon_check.py [--quick]. Prints one JSON line per case."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from vllm_nm16.kernels import nm16_linear, reference_linear
+from vllm_nm16.kernels.testing import layer_args, random_layer
+
+
+def check(N, K, M, dtype, k, B, scale, shift, bias, warps=None):
+    t = random_layer(N, K, outlier_block=B if k else None, outliers_per_block=k, scale=scale, shift=shift,
+                     dtype=dtype, device="cuda")
+    v, mk, ov, oi, sc, sh = layer_args(t)
+    b = (0.1 * torch.randn(N, device="cuda")).to(dtype) if bias else None
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    ref = reference_linear(x, v, mk, ov, oi, sc, sh, b, n=8, m=16, outlier_block=B if k else None,
+                           outliers_per_block=k)
+    y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+    nm16_linear(x, v, mk, ov, oi, sc, sh, b, n=8, m=16, outlier_block=B if k else None, outliers_per_block=k,
+                in_features=K, out_features=N, config={"kernel": "gluon", "warps": warps}, out=y)
+    torch.cuda.synchronize()
+    err = float((y.double() - ref).norm() / ref.norm())
+    return {"N": N, "K": K, "M": M, "dtype": str(dtype), "k": k, "B": B, "scale": scale, "shift": shift,
+            "bias": bias, "warps": warps, "finite": bool(torch.isfinite(y).all()), "rel_err": err}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bad = 0
+    cases = []
+    for (N, K) in [(4096, 4096), (6144, 4096), (1024, 14336), (576, 576), (192, 1536), (48, 160), (32, 96)]:
+        for M in (1, 2, 3, 8, 9, 16):
+            for dtype in (torch.bfloat16, torch.float16):
+                cases.append((N, K, M, dtype, 4 if K % 256 == 0 else (3 if K % 192 == 0 else 0),
+                              256 if K % 256 == 0 else 192, True, M % 2 == 0, M % 3 == 0))
+    cases += [(4096, 4096, 16, torch.bfloat16, 0, 256, False, False, False),
+              (4096, 4096, 5, torch.bfloat16, 0, 256, False, False, False)]
+    for w in (2, 4, 8, 16):
+        cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, w))
+    for c in cases:
+        try:
+            r = check(*c)
+        except Exception as e:  # noqa: BLE001
+            r = {"case": str(c), "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        bound = 1e-2 if "bfloat16" in r.get("dtype", "") else 2e-3
+        ok = "error" not in r and r["finite"] and r["rel_err"] <= bound
+        bad += not ok
+        r["ok"] = ok
+        print(json.dumps(r), flush=True)
+    print(f"gluon check: {len(cases) - bad} passed, {bad} failed", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""CPU model of the Gluon 8:16 kernel (vllm_nm16/kernels/fragment.py): its decode program, run bit-exactly, and its
+load offsets rebuild exactly the dense weight of format.unpack. The kernel itself runs on the GPU host only
+(benchmarks/results/raw/h200/gluon_check_h200.log, pytest_gpu_h200.log)."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_nm16 import format as fmt
+from vllm_nm16.kernels import fragment as fr
+
+
+def test_decode_program_on_every_8_of_16_mask():
+    masks = np.array([sum(1 << c for c in cols) for cols in combinations(range(16), 8)], dtype=np.uint32)
+    assert masks.size == 12870
+    vals = np.arange(1, 9, dtype=np.uint32)                       # kept values 1..8 as 16-bit words
+    words = np.broadcast_to((vals[0::2] | (vals[1::2] << 16)), (masks.size, 4)).copy()
+    for bit0, mword in ((0, masks), (16, masks << 16 | 0xABCD)):   # the high half of a mask word, garbage below
+        out = fr.run_program(fr.decode_program(bit0), words, mword).view(np.uint16).reshape(masks.size, 16)
+        expect = np.zeros((masks.size, 16), dtype=np.uint16)
+        for i, mk in enumerate(masks):
+            cols = [c for c in range(16) if mk >> c & 1]
+            expect[i, cols] = np.arange(1, 9)
+        np.testing.assert_array_equal(out, expect)
+
+
+def test_asm_is_the_program():
+    asm = fr.decode_asm(0)
+    prog = fr.decode_program(0)
+    assert asm.count("prmt.b32") == sum(op == "prmt" for op, *_ in prog) == 8 * 2 + 7
+    assert asm.count("shf.r.clamp.b32") == sum(op == "shf" for op, *_ in prog)
+
+
+@pytest.mark.parametrize("n_rows,k,dtype", [(32, 128, torch.bfloat16), (48, 576, torch.bfloat16),
+                                            (16, 96, torch.float16), (64, 1024, torch.bfloat16),
+                                            (16, 160, torch.float16)])
+def test_kernel_offsets_rebuild_format_unpack(n_rows, k, dtype):
+    g = torch.Generator().manual_seed(n_rows * 7 + k)
+    w = torch.randn(n_rows, k, generator=g).to(dtype)
+    keep = fmt.nm_keep_topk(torch.rand(n_rows, k, generator=g), 8, 16)
+    spec = fmt.NM16Spec(n=8, m=16)
+    t = fmt.pack(w * keep, keep, spec)
+    dense = fmt.unpack(t, spec).weight_nm.to(dtype)
+    assert torch.equal(fr.unpack_like_kernel(t[fmt.VALUES], t[fmt.MASK]), dense)
+
+
+def test_wrong_table_word_is_caught(monkeypatch):
+    monkeypatch.setitem(fr._CONSTS, "kk", 0x20201000)  # popc(3) -> 32 but popc(2) -> 32 too: a wrong shift table
+    masks = np.array([0b1010101010101010], dtype=np.uint32)
+    words = np.array([[1 | 2 << 16, 3 | 4 << 16, 5 | 6 << 16, 7 | 8 << 16]], dtype=np.uint32)
+    out = fr.run_program(fr.decode_program(0), words, masks).view(np.uint16).reshape(16)
+    assert not np.array_equal(out[1::2], np.arange(1, 9))
