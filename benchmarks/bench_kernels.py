@@ -53,20 +53,17 @@ def parse_shapes(spec: str) -> dict[str, tuple[int, int]]:
 
 
 def kernel_name(N: int, K: int, M: int, B: int) -> str:
-    """The kernel nm16_linear runs for this call (mirrors kernels._small_m_kernel + configs.pick_config)."""
+    """The kernel nm16_linear runs for this call (the plugin's own choice: kernels.small_m_kernel, then
+    configs.pick_config)."""
     import torch
 
+    from vllm_nm16.kernels import small_m_kernel
     from vllm_nm16.kernels.configs import pick_config
-    from vllm_nm16.kernels.gluon_nm16 import can_implement
 
     x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     wv = torch.empty(0, device="cuda", dtype=torch.bfloat16)
     wm = torch.empty(0, device="cuda", dtype=torch.int16)
-    from vllm_nm16.kernels import GLUON_M1_MIN_WEIGHTS
-
-    if can_implement(M, N, K, 8, 16, x, wv, wm)[0] and (M > 1 or N * K >= GLUON_M1_MIN_WEIGHTS):
-        return "gluon"
-    return pick_config(N, K, M, outlier_block=B)["kernel"]
+    return small_m_kernel(x, wv, wm, n=8, m=16, out_features=N) or pick_config(N, K, M, outlier_block=B)["kernel"]
 
 
 def measure(args) -> dict:
@@ -192,6 +189,12 @@ def measure(args) -> dict:
                          "outliers": with_out, "scale": with_out, "kernel": kname,
                          "config": {"kernel": "gluon"} if kname == "gluon" else cfg,
                          "weight_copies": len(fulls)})
+        for vc in (json.loads(args.gluon_configs) if args.gluon_configs and M <= 64 else []):
+            v_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
+                                                     outliers_per_block=k, in_features=K, out_features=N,
+                                                     config=dict(vc, kernel="gluon")) for f in fulls])
+            rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us})
+            print(f"   variant {vc}: {v_us:.1f} us ({dense_us / v_us:.2f}x)", flush=True)
         if M <= 16:  # the previous (Triton) kernel on the same call, for "not slower than main"
             triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
                                                           outliers_per_block=k, in_features=K, out_features=N,
@@ -264,6 +267,7 @@ def main() -> None:
     ap.add_argument("--outliers-k", type=int, default=4)
     ap.add_argument("--outlier-block", type=int, default=256)
     ap.add_argument("--rep-ms", type=int, default=40)
+    ap.add_argument("--gluon-configs", default="", help="JSON list of Gluon launch configs to time too (M <= 64)")
     ap.add_argument("--graph-us", type=float, default=3000, help="target GPU time of one graph replay")
     args = ap.parse_args()
     if args.plot:

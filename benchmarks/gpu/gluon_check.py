@@ -14,7 +14,7 @@ from vllm_nm16.kernels import nm16_linear, reference_linear
 from vllm_nm16.kernels.testing import layer_args, random_layer
 
 
-def check(N, K, M, dtype, k, B, scale, shift, bias, warps=None):
+def check(N, K, M, dtype, k, B, scale, shift, bias, cfg=None):
     t = random_layer(N, K, outlier_block=B if k else None, outliers_per_block=k, scale=scale, shift=shift,
                      dtype=dtype, device="cuda")
     v, mk, ov, oi, sc, sh = layer_args(t)
@@ -24,11 +24,11 @@ def check(N, K, M, dtype, k, B, scale, shift, bias, warps=None):
                            outliers_per_block=k)
     y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
     nm16_linear(x, v, mk, ov, oi, sc, sh, b, n=8, m=16, outlier_block=B if k else None, outliers_per_block=k,
-                in_features=K, out_features=N, config={"kernel": "gluon", "warps": warps}, out=y)
+                in_features=K, out_features=N, config=dict(cfg or {}, kernel="gluon"), out=y)
     torch.cuda.synchronize()
     err = float((y.double() - ref).norm() / ref.norm())
     return {"N": N, "K": K, "M": M, "dtype": str(dtype), "k": k, "B": B, "scale": scale, "shift": shift,
-            "bias": bias, "warps": warps, "finite": bool(torch.isfinite(y).all()), "rel_err": err}
+            "bias": bias, "cfg": cfg, "finite": bool(torch.isfinite(y).all()), "rel_err": err}
 
 
 def main():
@@ -38,15 +38,18 @@ def main():
     torch.manual_seed(0)
     bad = 0
     cases = []
-    for (N, K) in [(4096, 4096), (6144, 4096), (1024, 14336), (576, 576), (192, 1536), (48, 160), (32, 96)]:
-        for M in (1, 2, 3, 8, 9, 16):
-            for dtype in (torch.bfloat16, torch.float16):
-                cases.append((N, K, M, dtype, 4 if K % 256 == 0 else (3 if K % 192 == 0 else 0),
-                              256 if K % 256 == 0 else 192, True, M % 2 == 0, M % 3 == 0))
-    cases += [(4096, 4096, 16, torch.bfloat16, 0, 256, False, False, False),
-              (4096, 4096, 5, torch.bfloat16, 0, 256, False, False, False)]
-    for w in (2, 4, 8, 16):
-        cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, w))
+    # (N, K, M, dtype, outliers k, block B, scale, shift, bias[, config]): every M class, K tails, both dtypes
+    for (N, K) in [(4096, 4096), (1024, 14336), (576, 576), (192, 1536), (48, 160)]:
+        k, B = (4, 256) if K % 256 == 0 else (3, 192) if K % 192 == 0 else (0, 256)
+        for M in (1, 3, 9, 16, 17, 33, 64):
+            cases.append((N, K, M, torch.bfloat16, k, B, True, True, True))
+        for M in (2, 16, 40):
+            cases.append((N, K, M, torch.float16, k, B, True, False, False))
+        cases.append((N, K, 8, torch.bfloat16, 0, B, False, False, False))
+    for cfg in ({"WK": 2}, {"WK": 16}, {"WK": 4, "WN": 2}, {"out_in_loop": True, "BM": 16},
+                {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8}):
+        cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
+        cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
     for c in cases:
         try:
             r = check(*c)

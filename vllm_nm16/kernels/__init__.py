@@ -29,13 +29,13 @@ def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch
     """[M, in_features] x -> [M, out_features] in x's dtype. ``wv, wm, ov, oi`` come from :func:`repack`;
     scale/shift fp32 [out] or None, bias [out] in x's dtype or None. ``config`` overrides the tuned launch config
     and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests poison it)."""
-    kind = (config or {}).get("kernel") or _small_m_kernel(x2d, wv, wm, n=n, m=m, out_features=out_features)
+    kind = (config or {}).get("kernel") or small_m_kernel(x2d, wv, wm, n=n, m=m, out_features=out_features)
     if kind == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import fragment_linear  # noqa: PLC0415  (lazy: Triton import)
 
         return fragment_linear(x2d, wv, wm, ov, oi, scale, shift, bias, outlier_block=outlier_block or 0,
                                outliers_per_block=outliers_per_block, in_features=in_features,
-                               out_features=out_features, warps=(config or {}).get("warps"), out=out)
+                               out_features=out_features, config=config, out=out)
     from vllm_nm16.kernels.triton_nm16 import nm16_linear as _impl  # noqa: PLC0415  (lazy: Triton import)
 
     return _impl(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
@@ -43,21 +43,22 @@ def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch
                  config=config, out=out)
 
 
-# From this many weights (N * K) on, M = 1 runs the Gluon kernel instead of the Triton gemv.
-GLUON_M1_MIN_WEIGHTS = 48 * 2**20
+# Largest M the Gluon kernel serves (above: the scratch path, kernels/scratch.py); gluon_nm16.MAX_M is its limit.
+GLUON_MAX_M = 32
+# From this many weights (N * K) on, M = 1 runs the Gluon kernel instead of the Triton gemv (H200, outliers + scale:
+# gluon 16.8 vs 20.1 us on 6144 x 4096; gemv 11.7-12.0 vs 14.8+ us on 4096 x 4096).
+GLUON_M1_MIN_WEIGHTS = 24 * 2**20
 
 
-def _small_m_kernel(x2d, wv, wm, *, n: int, m: int, out_features: int) -> str | None:
+def small_m_kernel(x2d, wv, wm, *, n: int, m: int, out_features: int) -> str | None:
     """"gluon" where the fragment kernel can run this call (8:16, M <= 16, bf16/fp16, sm_80+) and
     ``VLLM_NM16_KERNEL`` does not say "triton"; None = the Triton kernels' own choice (configs.pick_config)."""
-    if not x2d.is_cuda or x2d.shape[0] > 16 or os.environ.get("VLLM_NM16_KERNEL", "auto").lower() == "triton":
+    if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M or os.environ.get("VLLM_NM16_KERNEL", "auto").lower() == "triton":
         return None
     from vllm_nm16.kernels.gluon_nm16 import can_implement  # noqa: PLC0415
 
     M, K = x2d.shape
     ok, _ = can_implement(M, out_features, K, n, m, x2d, wv, wm)
-    # M = 1: the Triton gemv stays ahead on small layers (H200, outliers + scale: 8B qkv/o 20.0/12.0 us vs 23.1/16.3
-    # gluon) and behind on large ones (8B down, 70B gate_up/down); benchmarks/results/kernels_h200.json.
     if ok and M == 1 and out_features * K < GLUON_M1_MIN_WEIGHTS:
         return None
     return "gluon" if ok else None

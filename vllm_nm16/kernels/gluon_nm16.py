@@ -24,34 +24,39 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from vllm_nm16.kernels import fragment as fr
 
-MAX_M = 16
+MAX_M = 32
 
 
 def _lg(v: int) -> int:
     return v.bit_length() - 1
 
 
-def make_layouts(WK: int, BM: int):
-    """The distributed layouts of the kernel (warps on dim 0, one 16-row block, 2 tiles per step)."""
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WK, 1, 1], instr_shape=[1, 16, 8])
+def make_layouts(WK: int, WN: int, BM: int):
+    """The distributed layouts: warps [WK along K, WN along N], 16 rows per WN-warp, BM tokens, 2 tiles per step."""
+    R = 16 * WN
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WK, WN, 1], instr_shape=[1, 16, 8])
     a_l = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    warp5 = [[1 << i, 0, 0, 0, 0] for i in range(_lg(WK))]
-    # lane (g, t): t = lane % 4 owns group t, g = lane // 4 rows g and g + 8 (values) / token g (x)
+    warp_k = [[1 << i, 0, 0, 0, 0] for i in range(_lg(WK))]
+    # lane (g, t): t = lane % 4 owns groups 2t, 2t+1 of the step, g = lane // 4 rows g and g + 8 (values) / token
+    # rows g + 8i (x)
     lane5 = [[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 4, 0, 0, 0]]
-    # values [WK, 16 rows, 2 tiles, 4 groups, 4 words]: registers = 4 words, row + 8, tile
+    # values [WK, R rows, 2 tiles, 4 lanes t, 4 words]: registers = 4 words, row + 8, tile
+    # (warp id bits: the WN ones first, as in the mma layout's warp order)
     vl = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 8, 0, 0, 0], [0, 0, 1, 0, 0]],
-                                    lane_bases=lane5, warp_bases=warp5, block_bases=[], shape=[WK, 16, 2, 4, 4])
-    # one value word / mask per group: [WK, 16, 2, 4] (vl without the word bits)
+                                    lane_bases=lane5, warp_bases=[[0, 16 << i, 0, 0, 0] for i in range(_lg(WN))] + warp_k,
+                                    block_bases=[], shape=[WK, R, 2, 4, 4])
+    # one value word / mask per group: [WK, R, 2, 4] (vl without the word bits)
     gl4 = gl.DistributedLinearLayout(reg_bases=[[0, 8, 0, 0], [0, 0, 1, 0]], lane_bases=[b[:4] for b in lane5],
-                                     warp_bases=[b[:4] for b in warp5], block_bases=[], shape=[WK, 16, 2, 4])
-    # x [WK, BM tokens, 2 tiles, 4 groups, 8 words (16 columns)]
-    xreg = [[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 0, 4]] + ([[0, 8, 0, 0, 0]] if BM == 16 else []) + \
-        [[0, 0, 1, 0, 0]]
-    xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=lane5, warp_bases=warp5, block_bases=[],
+                                     warp_bases=[b[:4] for b in vl.warp_bases], block_bases=[], shape=[WK, R, 2, 4])
+    # x [WK, BM tokens, 2 tiles, 4 lanes t, 8 words (16 columns)]; the WN warps of a K slice read the same x (L1)
+    xreg = [[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 0, 4]] + [[0, 8 << i, 0, 0, 0] for i in range(_lg(BM // 8))] \
+        + [[0, 0, 1, 0, 0]]
+    xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=lane5,
+                                    warp_bases=[[0, 0, 0, 0, 0]] * _lg(WN) + warp_k, block_bases=[],
                                     shape=[WK, BM, 2, 4, 8])
-    # outliers [16 rows, OC slots, BM tokens]: tokens in registers
-    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[8, 4, 1], warps_per_cta=[1, WK, 1],
+    # outliers [R rows, OC slots, BM tokens]: tokens in registers
+    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[8, 4, 1], warps_per_cta=[WN, WK, 1],
                           order=[2, 1, 0])
     return mma, a_l, b_l, vl, gl4, xl, ol
 
@@ -120,14 +125,14 @@ def _to_half(w, DT: gl.constexpr):
 
 
 @gluon.jit
-def _mma_step(acc, v, mk, xx, tab_cl, tab_kk, ASM: gl.constexpr, WK: gl.constexpr, BM: gl.constexpr,
-              DT: gl.constexpr, gl4: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr):
+def _mma_step(acc, v, mk, xx, tab_cl, tab_kk, ASM: gl.constexpr, WK: gl.constexpr, R: gl.constexpr,
+              BM: gl.constexpr, DT: gl.constexpr, gl4: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr):
     """Decode one K step (2 tiles) of this warp's 16 rows into A fragments and multiply with its x columns."""
-    v6 = gl.reshape(v, [WK, 16, 2, 4, 2, 2])
+    v6 = gl.reshape(v, [WK, R, 2, 4, 2, 2])
     va, vb = gl.split(v6)               # va = words (0, 2), vb = words (1, 3)
     v0, v2 = gl.split(va)
     v1, v3 = gl.split(vb)
-    # mask word [WK, 16, 4] (tiles 0 and 1 in its low and high 16 bits) -> [WK, 16, 2, 4], this tile's bits low
+    # mask word [WK, R, 4] (tiles 0 and 1 in its low and high 16 bits) -> [WK, 16, 2, 4], this tile's bits low
     tile = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl4))))[None, None, :, None]
     m4 = gl.convert_layout(gl.expand_dims(mk, 2) >> (tile * 16), v0.type.layout, assert_trivial=True)
     o = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r", [v0, v1, v2, v3, m4, gl.convert_layout(tab_cl, v0.type.layout, assert_trivial=True),
@@ -136,7 +141,7 @@ def _mma_step(acc, v, mk, xx, tab_cl, tab_kk, ASM: gl.constexpr, WK: gl.constexp
     r = gl.join(gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3])), gl.join(gl.join(o[4], o[5]), gl.join(o[6], o[7])))
     d = _to_half(r, DT)                                        # [WK, 16, tile, T, H, S0, S1, E]
     d = gl.permute(d, [0, 1, 2, 6, 5, 4, 3, 7])                # [WK, 16, tile, S1, S0, H, T, E]
-    a = gl.convert_layout(gl.reshape(d, [WK, 16, 128]), a_l, assert_trivial=True)
+    a = gl.convert_layout(gl.reshape(d, [WK, R, 128]), a_l, assert_trivial=True)
     xh = _to_half(xx, DT)                                      # [WK, BM, tile, T, 8 words, E]
     x8 = gl.reshape(xh, [WK, BM, 2, 4, 2, 2, 2, 2])            # word j = 4*s1 + 2*s0 + h -> [.., T, S1, S0, H, E]
     x8 = gl.permute(x8, [0, 1, 2, 4, 5, 6, 3, 7])              # [WK, BM, tile, S1, S0, H, T, E]
@@ -145,53 +150,73 @@ def _mma_step(acc, v, mk, xx, tab_cl, tab_kk, ASM: gl.constexpr, WK: gl.constexp
 
 
 @gluon.jit
-def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr, y_ptr,
-                         M, N, K, S, stride_ym, NO, XS: gl.constexpr,
-                         ASM: gl.constexpr, DT: gl.constexpr, WK: gl.constexpr,
+def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, XS: gl.constexpr, OB: gl.constexpr,
+                   OK: gl.constexpr, OC: gl.constexpr):
+    """Outlier chunks c_first.. after the main loop (the next chunk's offsets load while this one's x is gathered)."""
+    n_chunks = (NO + OC - 1) // OC
+    ov, oi = _out_load(ov_ptr, oi_ptr, r_o, c_o, c_first, NO, OC)
+    for c in range(c_first, n_chunks):
+        xg = _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
+        ov_n, oi_n = _out_load(ov_ptr, oi_ptr, r_o, c_o, c + 1, NO, OC)
+        acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
+        ov = ov_n
+        oi = oi_n
+    return acc_o
+
+
+@gluon.jit
+def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
+                         y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
+                         ASM: gl.constexpr, DT: gl.constexpr, WK: gl.constexpr, WN: gl.constexpr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
-                         HAS_OUT: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr, OC: gl.constexpr,
-                         HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                         mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, vl: gl.constexpr,
-                         gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
+                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr,
+                         OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+                         vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
+    R: gl.constexpr = 16 * WN
     rb = gl.program_id(0)
+    m0 = gl.program_id(1) * BM
     ml: gl.constexpr = gl.SliceLayout(2, gl4)
-    # Warp w handles K steps w, w + WK, ... of 128 columns; lane (g, t) holds groups 2t, 2t+1 of the step (tiles
-    # b = 0, 1) for rows g and g + 8 of the block, and the same 32 columns of its token row(s) of x.
+    # Warp (wk, wn) handles rows 16*wn.. of the CTA's R and K steps wk, wk + WK, ... of 128 columns; lane (g, t)
+    # holds groups 2t, 2t+1 of the step (tiles b = 0, 1) for rows g and g + 8, and the same 32 columns of its
+    # token rows of x.
     # values as int32 pairs, row-major [N, K/4]: row * K/4 + step * 32 + group * 4 + word
     w_v = _ar(WK, 0, vl)
-    row_v = rb * 16 + _ar(16, 1, vl)
+    row_v = rb * R + _ar(R, 1, vl)
     grp_v = _ar(4, 3, vl) * 2 + _ar(2, 2, vl)
     v_off = row_v * (K // 4) + w_v * 32 + grp_v * 4 + _ar(4, 4, vl)
     col_v = w_v * 128 + grp_v * 16 + row_v * 0
     # masks as int32 (the int16 masks of groups 2t, 2t+1), row-major [N, K/32]: row * K/32 + step * 4 + t
     w_m = gl.arange(0, WK, layout=gl.SliceLayout(1, gl.SliceLayout(2, ml)))[:, None, None]
-    row_m = rb * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, ml)))[None, :, None]
+    row_m = rb * R + gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(2, ml)))[None, :, None]
     t_m = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, ml)))[None, None, :]
     m_off = row_m * (K // 32) + w_m * 4 + t_m
     col_m = w_m * 128 + t_m * 32 + row_m * 0
-    # x as int32 words: row m * sxw + step * 64 + group * 8 + word
-    m_x = _ar(BM, 1, xl)
+    # x as int32 words: token m * XS/2 + step * 64 + group * 8 + word
+    m_x = m0 + _ar(BM, 1, xl)
     w_x = _ar(WK, 0, xl)
     cw_x = w_x * 64 + (_ar(4, 3, xl) * 2 + _ar(2, 2, xl)) * 8 + _ar(8, 4, xl)
     x_off = m_x * (XS // 2) + cw_x
     col_x = cw_x * 2 + m_x * 0
     x_row_ok = m_x < M
-    acc = gl.full([WK, 16, BM], 0.0, gl.float32, layout=mma)
+    acc = gl.full([WK, R, BM], 0.0, gl.float32, layout=mma)
     n_iter = (S + WK - 1) // WK
     # The decode's table words, per thread (a thread-varying 0 offset the compiler cannot fold: a uniform load
     # lands in uniform registers, which ptxas then copies into a regular register before every prmt).
-    lane0 = gl.convert_layout(gl.reshape(col_v, [WK, 16, 2, 4]) >> 30, gl4)
+    lane0 = gl.convert_layout(gl.reshape(col_v, [WK, R, 2, 4]) >> 30, gl4)
     tab_cl = gl.load(tab_ptr + lane0)
     tab_kk = gl.load(tab_ptr + 1 + lane0)
     if HAS_OUT:
-        # Outliers ride along the main loop as their own stream (chunk c = OC slots of each row per loop trip,
-        # offsets loaded one trip ahead, x gathered at the start of a trip and used at its end), so their memory
-        # latency hides behind the decode instead of trailing it. Chunks the loop does not reach run after it.
-        r_o = rb * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, ol)))[:, None]
+        # Outliers: k per (row, block of OB columns), chunk c = OC slots of each row. With OUT_IN_LOOP they ride
+        # along the main loop as their own stream (offsets one trip ahead, x gathered at the start of a trip and
+        # used at its end), so their latency hides behind the decode; chunks the loop does not reach (and all of
+        # them otherwise: large BM needs the registers in the loop) run after it.
+        r_o = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, ol)))[:, None]
         c_o = gl.arange(0, OC, layout=gl.SliceLayout(0, gl.SliceLayout(2, ol)))[None, :]
-        m_o = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
-        acc_o = gl.full([16, OC, BM], 0.0, gl.float32, layout=ol)
-        ov_a, oi_a = _out_load(ov_ptr, oi_ptr, r_o, c_o, 0, NO, OC)
+        m_o = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
+        acc_o = gl.full([R, OC, BM], 0.0, gl.float32, layout=ol)
+        if OUT_IN_LOOP:
+            ov_a, oi_a = _out_load(ov_ptr, oi_ptr, r_o, c_o, 0, NO, OC)
     # One step of register prefetch, unrolled by two so that the two buffers swap roles without register moves.
     va, ma, xa = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok, 0, K,
                             WK, EVEN_K, EVEN_X)
@@ -199,30 +224,35 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
         vb, mb, xb = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok, i + 1,
                                 K, WK, EVEN_K, EVEN_X)
         if HAS_OUT:
-            xg = _out_gather(x_ptr, oi_a, r_o, c_o, m_o, i // 2, M, NO, XS, OB, OK, OC)
-            ov_b, oi_b = _out_load(ov_ptr, oi_ptr, r_o, c_o, i // 2 + 1, NO, OC)
-        acc = _mma_step(acc, va, ma, xa, tab_cl, tab_kk, ASM, WK, BM, DT, gl4, a_l, b_l)
+            if OUT_IN_LOOP:
+                xg = _out_gather(x_ptr, oi_a, r_o, c_o, m_o, i // 2, M, NO, XS, OB, OK, OC)
+                ov_b, oi_b = _out_load(ov_ptr, oi_ptr, r_o, c_o, i // 2 + 1, NO, OC)
+        acc = _mma_step(acc, va, ma, xa, tab_cl, tab_kk, ASM, WK, R, BM, DT, gl4, a_l, b_l)
         # (past the end on the last even trip: re-read the last step instead of masking, and drop it)
         va, ma, xa = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok,
                                 gl.minimum(i + 2, n_iter - 1), K, WK, EVEN_K, EVEN_X)
-        acc = _mma_step(acc, vb, mb, xb, tab_cl, tab_kk, ASM, WK, BM, DT, gl4, a_l, b_l)
+        acc = _mma_step(acc, vb, mb, xb, tab_cl, tab_kk, ASM, WK, R, BM, DT, gl4, a_l, b_l)
         if HAS_OUT:
-            acc_o += ov_a.to(gl.float32)[:, :, None] * xg.to(gl.float32)
-            ov_a = ov_b
-            oi_a = oi_b
+            if OUT_IN_LOOP:
+                acc_o += ov_a.to(gl.float32)[:, :, None] * xg.to(gl.float32)
+                ov_a = ov_b
+                oi_a = oi_b
     if n_iter % 2 == 1:
-        acc = _mma_step(acc, va, ma, xa, tab_cl, tab_kk, ASM, WK, BM, DT, gl4, a_l, b_l)
-    res = gl.sum(acc, axis=0)                                   # [16, BM]: the warps' shares of K
+        acc = _mma_step(acc, va, ma, xa, tab_cl, tab_kk, ASM, WK, R, BM, DT, gl4, a_l, b_l)
+    res = gl.sum(acc, axis=0)                                   # [R, BM]: the K slices' shares
     el: gl.constexpr = res.type.layout
-    rows = rb * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, el))
-    toks = gl.arange(0, BM, layout=gl.SliceLayout(0, el))
+    rows = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, el))
+    toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, el))
     if HAS_SCALE:
         res = res * gl.load(scale_ptr + rows)[:, None]
     if HAS_OUT:
-        for c in range(n_iter // 2, (NO + OC - 1) // OC):
-            ov_c, oi_c = _out_load(ov_ptr, oi_ptr, r_o, c_o, c, NO, OC)
-            xg = _out_gather(x_ptr, oi_c, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
-            acc_o += ov_c.to(gl.float32)[:, :, None] * xg.to(gl.float32)
+        if OUT_IN_LOOP:
+            for c in range(n_iter // 2, (NO + OC - 1) // OC):  # chunks the loop did not reach (rare)
+                ov_c, oi_c = _out_load(ov_ptr, oi_ptr, r_o, c_o, c, NO, OC)
+                xg = _out_gather(x_ptr, oi_c, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
+                acc_o += ov_c.to(gl.float32)[:, :, None] * xg.to(gl.float32)
+        else:
+            acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC)
         res = res + gl.convert_layout(gl.sum(acc_o, axis=1), el)
     if HAS_SHIFT:
         res = res + gl.load(shift_ptr + rows)[:, None]
@@ -238,10 +268,10 @@ _LAYOUTS: dict = {}
 _TABLES: dict = {}
 
 
-def layouts(WK: int, BM: int):
-    key = (WK, BM)
+def layouts(WK: int, WN: int, BM: int):
+    key = (WK, WN, BM)
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = make_layouts(WK, BM)
+        _LAYOUTS[key] = make_layouts(WK, WN, BM)
     return _LAYOUTS[key]
 
 
@@ -259,17 +289,34 @@ def prepare_device(device: torch.device) -> None:
     _table(device)
 
 
-def pick_warps(steps: int, rows: int) -> int:
-    """Warps per CTA = the K split (one CTA per 16 output rows): enough warps on the chip to keep the loads in
-    flight (about 12+ per SM on 132 SMs), whole K steps per warp where possible (then the loop needs no masks)."""
-    blocks = rows // 16
-    for wk in (4, 8, 16):
-        if steps % wk == 0 and steps // wk >= 2 and blocks * wk >= 132 * 12:
-            return wk
-    for wk in (16, 8, 4):
-        if steps % wk == 0 and steps // wk >= 2:
-            return wk
-    return 4 if steps >= 8 else 2 if steps >= 2 else 1
+def pick_config(M: int, N: int, K: int) -> dict:
+    """Launch shape by M class, from the H200 sweep (benchmarks/results/gluon_sweep_h200.json: 8B qkv/gate_up/down
+    and 70B o at M = 1, 8, 16, 32, 64, outliers + scale):
+
+    * BM (tokens per CTA) 8 / 16 / 32 (M > 32 is served by the scratch path: measured no faster here).
+    * WK warps along K (the CTA-internal split). BM = 8: 4 (beat 8 on every swept shape, 1-27%; 128 registers, so 4
+      CTAs per SM). BM = 16 (156 registers): 4 where the 16-row blocks fill about one wave of 3 CTAs per SM
+      (300-396 blocks: 8B qkv 23.6 vs 33.4 us), else 8 (gate_up 77.9 vs 98.6 us, down 46.8 vs 52.7 us).
+    * WN warps along N share x through L1: BM = 32 takes 4 x 2 (WN x WK) on layers up to 8192 x 8192 and 2 x 4
+      on wider/deeper ones.
+    * Outliers inside the main loop only for BM = 8; after it for larger BM (the in-loop stream's registers cut
+      occupancy: 217 vs 156 registers at BM = 16; in-loop measured 3-15% slower there).
+    K steps per warp stay whole where possible (then the loop has no masks).
+    """
+    steps = -(-K // fr.STEP_COLS)
+    if M <= 8:
+        BM, WN, WK = 8, 1, 4
+    elif M <= 16:
+        BM, WN = 16, 1
+        WK = 4 if 300 <= N // 16 <= 396 else 8
+    else:
+        BM = 32
+        WN, WK = (4, 2) if N <= 8192 and K <= 8192 else (2, 4)
+        if N % (16 * WN):
+            WN, WK = 1, 8
+    fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
+    WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
+    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
@@ -291,33 +338,35 @@ def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: t
 
 def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, scale, shift, bias, *,
                     outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
-                    warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M <= 16, K] bf16/fp16 (fp32 accumulation),
-    on the on-disk tensors: values [N, K/2] (x's dtype), int16 mask [N, K/16], outliers as on disk."""
+                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M <= 64, K] bf16/fp16 (fp32 accumulation),
+    on the on-disk tensors: values [N, K/2] (x's dtype), int16 mask [N, K/16], outliers as on disk. ``config``
+    overrides :func:`pick_config`'s keys (tests and the benchmark sweep)."""
     M, K = x2d.shape
     N = out_features
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
         # contiguous x: its row stride (K) is a compile-time constant (immediate offsets in the outlier gathers)
-        x2d = x2d.contiguous() if x2d.data_ptr() % 16 == 0 or not x2d.is_contiguous() else x2d.clone()
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
     if M == 0:
         return y
+    cfg = pick_config(M, N, K)
+    cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
+    BM, WN, WK = cfg["BM"], cfg["WN"], cfg["WK"]
     S = -(-K // fr.STEP_COLS)
-    BM = 8 if M <= 8 else 16
-    WK = warps or pick_warps(S, N)
     has_out = bool(outliers_per_block)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     dummy = y
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0 and S % WK == 0
-    nm16_fragment_kernel[(N // 16,)](
+    nm16_fragment_kernel[(N // (16 * WN), -(-M // BM))](
         x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
         ov if has_out else dummy, oi if has_out else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         bias if bias is not None else dummy, y,
         M, N, K, S, y.stride(0), NO, x2d.stride(0),
-        _ASM, DT, WK, BM, even_k, even_k and M == BM,
-        has_out, outlier_block if has_out else 1, outliers_per_block if has_out else 1, 4 * WK,
-        scale is not None, shift is not None, bias is not None,
-        *layouts(WK, BM), num_warps=WK)
+        _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
+        has_out, bool(cfg["out_in_loop"]), outlier_block if has_out else 1, outliers_per_block if has_out else 1,
+        4 * WK, scale is not None, shift is not None, bias is not None,
+        *layouts(WK, WN, BM), num_warps=WK * WN)
     return y
