@@ -134,7 +134,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U
-        damp *= 10
+        damp = max(damp * 10, 1e-4)   # percdamp 0 retries with some damping too
     raise RuntimeError("SparseGPT: the calibration Hessian is not positive definite even with heavy damping")
 
 
