@@ -167,7 +167,8 @@ def talk(base_url: str, name: str, settings: dict, dense: dict[str, str]) -> Non
     say(f"[chat] dense: {dense['chat'].strip()}")
     say(f"[chat] nm16: {chat.usage.completion_tokens} tokens in {dt:.1f} s")
 
-    say(f"\n[stream] prompt: {PROMPT}\n[stream] nm16 : ", )
+    sys.stdout.write(f"\n[stream] prompt: {PROMPT}\n[stream] nm16 : ")
+    sys.stdout.flush()
     t0 = time.time()
     first = None
     n = 0
