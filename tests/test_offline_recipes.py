@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from offline import cli
+from offline.assets import default_eval_path
 from offline.nm16_loading import read_safetensors_folder, validate_checkpoint
 from vllm_nm16 import format as fmt
 
@@ -196,6 +197,7 @@ OPTIONS = {
     "no-true-sequential": (["--no-true-sequential"], _check_changes_values("true_sequential", False)),
     "seed": (["--seed", "1"], _check_changes_values("seed", 1)),
     "calibration-size": (["--nsamples", "2", "--seqlen", "48"], _check_changes_values("seqlen", 48)),
+    "calib": (["--calib", str(default_eval_path())], _check_changes_values("calib", str(default_eval_path()))),
     # SparseGPT's block size only batches the same updates (rounding changes): check it is accepted and recorded.
     "blocksize+threads+device": (["--blocksize", "32", "--threads", "2", "--device", "cpu"],
                                  _check_recorded("blocksize", 32)),
