@@ -47,6 +47,24 @@ def check_model_dir(model_dir: Path) -> dict:
     return config
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot compress on before any work (cpu, cuda or cuda:N)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CompressError(f"device {device!r} is not a torch device (cpu | cuda | cuda:N)") from None
+    if d.type == "cpu":
+        return
+    if d.type != "cuda":
+        raise CompressError(f"device {device!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise CompressError(f"device {device!r}: no CUDA device is available on this machine")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise CompressError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def check_finite(model) -> None:
     import torch
 
@@ -103,6 +121,7 @@ def compress(model_dir, out_dir, *, pattern: str = "8:16", method: str = "sparse
         recipe.check()
     except ValueError as e:
         raise CompressError(str(e)) from None
+    check_device(device)
 
     with writer.staging_folder(out_dir, overwrite) as tmp:
         tok = AutoTokenizer.from_pretrained(model_dir)

@@ -29,6 +29,16 @@ def _equalize_arg(text: str):
     return v
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def compress_parser() -> argparse.ArgumentParser:
     from offline.models import SUPPORTED_ARCHITECTURES
 
@@ -44,8 +54,9 @@ def compress_parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--calib", type=Path, default=None,
                     help="calibration text file or folder of .txt (default: the sotu-calib split)")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=_positive_int, default=32,
+                    help="calibration windows drawn from --calib (more: better statistics, slower)")
+    ap.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration window")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--outliers", default="auto", help="k/B outliers per (row, block of B input columns), 'auto' "
@@ -56,14 +67,15 @@ def compress_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mean-shift", action="store_true", help="also restore the output mean (weight_shift)")
     ap.add_argument("--equalize", type=_equalize_arg, default=0.5, metavar="ALPHA|none",
                     help="SmoothQuant-like equalization strength (folded into the norms / producing layers)")
-    ap.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    ap.add_argument("--blocksize", type=_positive_int, default=128,
+                    help="SparseGPT column block size (a multiple of M)")
     ap.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT Hessian damping (fraction of mean diag)")
     ap.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                     help="collect all statistics of a block before compressing any of its layers")
     ap.add_argument("--strict", dest="strict_divisible", action="store_true",
                     help="fail instead of keeping dense the layers whose in_features are not divisible")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
+    ap.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, help="torch CPU threads")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     return ap
 

@@ -51,7 +51,8 @@ class Recipe:
     calib: str | None = None
 
     def check(self) -> None:
-        Pattern.parse(self.pattern)
+        """Refuse, before any model is loaded, every setting the pipeline cannot honour (one-line ValueError)."""
+        pattern = Pattern.parse(self.pattern)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
         if self.outlier_structure not in ("structured", "unstructured"):
@@ -60,12 +61,24 @@ class Recipe:
             raise ValueError(f"variance correction must be channel|tensor|none, got {self.variance_correction!r}")
         if self.equalize is not None and not 0 <= self.equalize <= 1:
             raise ValueError(f"equalize alpha must be in [0, 1], got {self.equalize}")
+        if isinstance(self.nsamples, bool) or not isinstance(self.nsamples, int) or self.nsamples < 1:
+            raise ValueError(f"calibration needs nsamples >= 1 (--nsamples), got {self.nsamples!r}")
+        if isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise ValueError(f"calibration needs seqlen >= 2 tokens (--seqlen), got {self.seqlen!r}")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"SparseGPT block size (--blocksize) must be a positive integer, got {self.blocksize!r}")
+        if self.method == "sparsegpt" and pattern.structured and self.blocksize % pattern.m:
+            raise ValueError(f"SparseGPT block size {self.blocksize} (--blocksize) must be a multiple of "
+                             f"M={pattern.m} (pattern {self.pattern})")
+        if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise ValueError(f"SparseGPT damping (--percdamp) must be a finite number >= 0, got {self.percdamp!r}")
         if self.outliers not in (None, "auto"):
             kb = outliers.parse_outliers(self.outliers)
-            pattern = Pattern.parse(self.pattern)
             if kb and pattern.structured and kb[1] % pattern.m:
                 raise ValueError(f"outlier block B={kb[1]} must be a multiple of M={pattern.m} "
                                  f"(pattern {self.pattern})")
+            if kb and self.packable:   # every other limit of the format (e.g. B <= 32768), before any work
+                fmt.NM16Spec(n=pattern.n, m=pattern.m, outlier_block=kb[1], outliers_per_block=kb[0])
         if self.mean_shift and not self.packable:
             raise ValueError("the mean shift needs a packable nm16 output (an N:M pattern with structured outliers)")
 
@@ -363,6 +376,10 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
                     if strict_divisible:
                         raise ValueError(msg + ": cannot be compressed")
                     skip_names.add(full)
+    n_linear = len(layers) * sum(len(g.names) for g in groups)
+    if len(skip_names) == n_linear:
+        raise ValueError(f"no linear layer can be compressed: no in_features in {all_in} is a multiple of {need} "
+                         f"(pattern {recipe.pattern}, outliers {outlier_kb}); choose another --outliers block")
     if skip_names:
         log.warning("%d layer(s) stay dense (in_features not divisible): %s", len(skip_names),
                     ", ".join(sorted(skip_names)[:6]) + (" ..." if len(skip_names) > 6 else ""))

@@ -6,7 +6,10 @@ zero outside ``keep`` and outside ``protect``.
 
 ``protect`` (optional bool [out, in]) marks outlier positions taken out before pruning: they are never pruned and never
 count towards the N of a group (the N kept weights of a group are chosen among the other M - #protected positions), and
-SparseGPT keeps updating them like any kept weight (their final values are stored in the outlier side tensor).
+SparseGPT keeps updating them like any kept weight (their final values are stored in the outlier side tensor). When a
+group holds more than M - N protected positions (e.g. 3 outliers in one group of a 2:4 pattern), ``keep`` still holds
+exactly N: the slots it cannot fill with unprotected positions are protected ones (the caller stores a zero there and
+the outlier in the side tensor), so ``keep`` is always a valid N:M mask, whatever the method.
 
 Patterns: ``Pattern(n, m)`` for N:M, ``Pattern.unstructured(0.5)`` for unstructured sparsity (magnitude: per layer;
 Wanda: per output row, as in the Wanda paper; SparseGPT: its adaptive mask per block of columns).
@@ -49,7 +52,8 @@ class Pattern:
 
 
 def nm_keep(score: torch.Tensor, n: int, m: int, protect: torch.Tensor | None = None) -> torch.Tensor:
-    """bool [out, in]: the N highest scores of every group of M, never choosing a protected position."""
+    """bool [out, in]: the N highest scores of every group of M, exactly N per group; a protected position is chosen
+    only where fewer than N unprotected ones are left (it then pads the group, see the module docstring)."""
     s = score.to(torch.float32)
     if protect is not None:
         s = s.masked_fill(protect, NEG)
@@ -130,7 +134,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U
-        damp *= 10
+        damp = max(damp * 10, 1e-4)   # percdamp 0 retries with some damping too
     raise RuntimeError("SparseGPT: the calibration Hessian is not positive definite even with heavy damping")
 
 
@@ -154,6 +158,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, protect:
     Hinv = hinv if hinv is not None else sparsegpt_hinv(H, percdamp)
     prune = torch.zeros_like(W, dtype=torch.bool)
     prot = protect if protect is not None else torch.zeros_like(W, dtype=torch.bool)
+    keep_nm = torch.zeros_like(W, dtype=torch.bool) if pattern.structured else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -175,6 +180,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, protect:
             if pattern.structured and i % pattern.m == 0:
                 tmp = (W1[:, i:i + pattern.m] ** 2 / d1[None, i:i + pattern.m] ** 2)
                 keep = nm_keep(tmp, pattern.n, pattern.m, P1[:, i:i + pattern.m])
+                keep_nm[:, i1 + i:i1 + i + pattern.m] = keep
                 mask1[:, i:i + pattern.m] = ~(keep | P1[:, i:i + pattern.m])
             q = w.masked_fill(mask1[:, i], 0.0)
             Q1[:, i] = q
@@ -184,5 +190,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, protect:
         W[:, i1:i2] = Q1
         prune[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    keep = ~prune & ~prot
+    # N:M: the selected mask itself (exactly N per group, padded with protected slots where a group has more than M - N
+    # of them); deriving it as ~prune & ~protect would drop those pads and leave fewer than N.
+    keep = keep_nm if pattern.structured else ~prune & ~prot
     return W.masked_fill(prune, 0.0), keep

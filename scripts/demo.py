@@ -1,7 +1,9 @@
 """The main job, end to end (``make demo``): compress the default model with the default recipe, serve it with
 ``vllm serve <ckpt> --quantization nm16`` on 127.0.0.1, talk to it with the ``openai`` client (a chat completion and a
-streamed completion), print the answers, tokens/s, bytes saved and perplexity dense vs nm16, and stop the server
-cleanly. About 10-15 minutes on 2 CPU cores (most of it: compression and vLLM's CPU compile warm-up).
+streamed completion), print the answers beside the dense model's answers to the same prompts with the same sampling
+settings (the model's generation_config.json recommendation where it has one, else greedy; the dense model runs in
+transformers, fp32), tokens/s, bytes saved and perplexity dense vs nm16, and stop the server cleanly. About 10-15
+minutes on 2 CPU cores (most of it: compression and vLLM's CPU compile warm-up).
 
     python scripts/demo.py [--model DIR] [--out DIR] [--recompress] [--eval-tokens N]
 """
@@ -15,6 +17,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+QUESTION = "What are the three branches of the United States government?"
+PROMPT = "Mr. Speaker, Mr. Vice President, members of Congress, my fellow Americans:"
+CHAT_TOKENS, STREAM_TOKENS = 64, 96
+SEED = 0
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def say(msg: str = "") -> None:
@@ -66,27 +75,105 @@ def bytes_report(model: Path, ckpt: Path) -> None:
         f"({1 - size(ckpt) / size(model):.1%} saved)")
 
 
-def talk(base_url: str, name: str) -> None:
+def sampling_settings(model: Path) -> dict:
+    """The sampling settings both models answer with: the ones the model's generation_config.json recommends
+    (``do_sample`` with its temperature / top_p / top_k / min_p; a repetition_penalty applies to greedy decoding too),
+    else greedy. Only the keys the config sets are returned besides ``temperature`` (0 = greedy)."""
+    import json
+
+    path = model / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    settings: dict = {"temperature": 0.0}
+    if cfg.get("do_sample"):
+        settings["temperature"] = float(cfg.get("temperature", 1.0))
+        for key in ("top_p", "top_k", "min_p"):
+            if cfg.get(key) is not None:
+                settings[key] = cfg[key]
+    if cfg.get("repetition_penalty") not in (None, 1, 1.0):
+        settings["repetition_penalty"] = float(cfg["repetition_penalty"])
+    return settings
+
+
+def describe(settings: dict) -> str:
+    if settings["temperature"] == 0:
+        how = "greedy"
+    else:
+        how = "sampling " + ", ".join(f"{k}={settings[k]}" for k in SAMPLING_KEYS if k in settings) + f", seed {SEED}"
+    if settings["temperature"] == 0 and "repetition_penalty" in settings:
+        how += f", repetition_penalty={settings['repetition_penalty']}"
+    return how
+
+
+def openai_kwargs(settings: dict) -> dict:
+    """The settings as openai-client arguments (vLLM reads top_k, min_p and repetition_penalty from extra_body)."""
+    kw: dict = {"temperature": settings["temperature"], "seed": SEED}
+    if "top_p" in settings:
+        kw["top_p"] = settings["top_p"]
+    extra = {k: settings[k] for k in ("top_k", "min_p", "repetition_penalty") if k in settings}
+    if extra:
+        kw["extra_body"] = extra
+    return kw
+
+
+def hf_generate_kwargs(settings: dict) -> dict:
+    """The same settings as transformers ``generate`` arguments (explicit neutral values where the config sets none,
+    so transformers' own defaults, e.g. top_k=50, do not apply)."""
+    if settings["temperature"] == 0:
+        kw: dict = {"do_sample": False}
+    else:
+        kw = {"do_sample": True, "temperature": settings["temperature"], "top_p": settings.get("top_p", 1.0),
+              "top_k": settings.get("top_k", 0)}
+        if "min_p" in settings:
+            kw["min_p"] = settings["min_p"]
+    if "repetition_penalty" in settings:
+        kw["repetition_penalty"] = settings["repetition_penalty"]
+    return kw
+
+
+def dense_answers(model: Path, settings: dict) -> dict[str, str]:
+    """The dense model's answers to the demo's chat question and completion prompt (transformers, fp32, CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    gen = hf_generate_kwargs(settings)
+    chat_text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                        add_generation_prompt=True)
+    answers = {}
+    for key, text, special, n in (("chat", chat_text, False, CHAT_TOKENS), ("completion", PROMPT, True, STREAM_TOKENS)):
+        ids = tok(text, return_tensors="pt", add_special_tokens=special)
+        torch.manual_seed(SEED)
+        with torch.no_grad():
+            out = lm.generate(**ids, max_new_tokens=n, **gen,
+                              pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
+        answers[key] = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def talk(base_url: str, name: str, settings: dict, dense: dict[str, str]) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=600)
     say(f"/v1/models: {[m.id for m in client.models.list().data]}")
+    say(f"both models: {describe(settings)}")
+    kw = openai_kwargs(settings)
 
-    question = "What are the three branches of the United States government?"
     t0 = time.time()
-    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
-                                          max_tokens=64, temperature=0)
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=CHAT_TOKENS, **kw)
     dt = time.time() - t0
-    say(f"\n[chat] user: {question}\n[chat] assistant: {chat.choices[0].message.content.strip()}")
-    say(f"[chat] {chat.usage.completion_tokens} tokens in {dt:.1f} s")
+    say(f"\n[chat] user: {QUESTION}\n[chat] nm16 : {chat.choices[0].message.content.strip()}")
+    say(f"[chat] dense: {dense['chat'].strip()}")
+    say(f"[chat] nm16: {chat.usage.completion_tokens} tokens in {dt:.1f} s")
 
-    prompt = "Mr. Speaker, Mr. Vice President, members of Congress, my fellow Americans:"
-    say(f"\n[stream] prompt: {prompt}\n[stream] completion: ", )
+    sys.stdout.write(f"\n[stream] prompt: {PROMPT}\n[stream] nm16 : ")
+    sys.stdout.flush()
     t0 = time.time()
     first = None
     n = 0
-    for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=96, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}):
+    for chunk in client.completions.create(model=name, prompt=PROMPT, max_tokens=STREAM_TOKENS, stream=True,
+                                           stream_options={"include_usage": True}, **kw):
         if chunk.choices and chunk.choices[0].text:
             first = first or time.time()
             sys.stdout.write(chunk.choices[0].text)
@@ -94,14 +181,15 @@ def talk(base_url: str, name: str) -> None:
         if chunk.usage:
             n = chunk.usage.completion_tokens
     end = time.time()
-    say(f"\n[stream] {n} tokens, first after {first - t0:.2f} s, "
+    say(f"\n[stream] dense: {dense['completion'].strip()}")
+    say(f"[stream] nm16: {n} tokens, first after {first - t0:.2f} s, "
         f"{(n - 1) / max(end - first, 1e-9):.1f} tokens/s while streaming (1 request)")
 
     # Throughput with 4 concurrent requests (vLLM batches them).
     results: list[int] = []
 
     def one(i: int) -> None:
-        r = client.completions.create(model=name, prompt=f"{prompt} ({i})", max_tokens=64, temperature=0,
+        r = client.completions.create(model=name, prompt=f"{PROMPT} ({i})", max_tokens=64, temperature=0,
                                       extra_body={"ignore_eos": True})
         results.append(r.usage.completion_tokens)
 
@@ -150,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = get_checkpoint(Path(model), out, args.recompress)
     bytes_report(Path(model), ckpt)
 
-    stage("2. vllm serve <ckpt> --quantization nm16")
+    stage("2. the dense model's answers (transformers), to print beside nm16's")
+    settings = sampling_settings(Path(model))
+    t0 = time.time()
+    dense = dense_answers(Path(model), settings)
+    say(f"{describe(settings)}; {time.time() - t0:.0f} s")
+
+    stage("3. vllm serve <ckpt> --quantization nm16")
     from vllm_nm16 import compat
     from vllm_nm16.server import VLLMServer
 
@@ -163,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         srv.start(timeout=1200)
         say(f"healthy after {time.time() - t0:.0f} s at {srv.base_url}")
-        stage("3. OpenAI API")
-        talk(srv.base_url, srv.name)
+        stage("4. OpenAI API: nm16 (served) beside dense")
+        talk(srv.base_url, srv.name, settings, dense)
     finally:
-        stage("4. stop the server")
+        stage("5. stop the server")
         rc = srv.stop()
         say(f"vllm serve exited with {rc}; processes left: {srv.leftover or 'none'}")
 
-    stage("5. perplexity dense vs nm16")
+    stage("6. perplexity dense vs nm16")
     perplexity(Path(model), ckpt, eval_text, args.eval_tokens)
     say(f"\ndemo done in {time.time() - t_start:.0f} s")
     return 0 if not srv.leftover else 1

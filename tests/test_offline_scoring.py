@@ -56,6 +56,24 @@ def test_every_scorer_keeps_exactly_n_of_m(nm, method, rows, blocks, k, seed):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("n,n_protected", [(2, 3), (2, 4), (1, 4), (3, 2)])
+def test_groups_with_more_outliers_than_m_minus_n_still_keep_n(method, n, n_protected):
+    """N:4 with more outliers in one group than M - N (the 'auto' budget 3/192 on SmolLM2 puts 3 in one 2:4 group
+    often): keep still holds exactly N per group, padded with protected slots, and every outlier survives."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(8, 64, generator=g)
+    X = _correlated_inputs(128, 64, 3)
+    protect = torch.zeros_like(W, dtype=torch.bool)
+    protect[:, :n_protected] = True          # every row: the first group holds n_protected outliers
+    Wp, keep = _prune(method, W, X, Pattern(n, 4), protect)
+    assert (keep.reshape(8, 16, 4).sum(-1) == n).all()
+    free = min(n, 4 - n_protected)
+    assert (keep[:, :4] & ~protect[:, :4]).sum(1).eq(free).all(), "unprotected slots are used first"
+    assert not (keep[:, 4:] & protect[:, 4:]).any()
+    assert (Wp[:, :4] != 0).all(), "the whole first group is live (outliers and kept values)"
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_unstructured_pattern_is_half_sparse(method):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(32, 128, generator=g)
