@@ -53,17 +53,15 @@ def parse_shapes(spec: str) -> dict[str, tuple[int, int]]:
 
 
 def kernel_name(N: int, K: int, M: int, B: int) -> str:
-    """The kernel nm16_linear runs for this call (the plugin's own choice: kernels.small_m_kernel, then
-    configs.pick_config)."""
+    """The kernel nm16_linear runs for this call (the plugin's own choice, kernels.choose_config)."""
     import torch
 
-    from vllm_nm16.kernels import small_m_kernel
-    from vllm_nm16.kernels.configs import pick_config
+    from vllm_nm16.kernels import choose_config
 
     x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     wv = torch.empty(0, device="cuda", dtype=torch.bfloat16)
     wm = torch.empty(0, device="cuda", dtype=torch.int16)
-    return small_m_kernel(x, wv, wm, n=8, m=16, out_features=N) or pick_config(N, K, M, outlier_block=B)["kernel"]
+    return choose_config(x, wv, wm, n=8, m=16, out_features=N, outlier_block=B)["kernel"]
 
 
 def measure(args) -> dict:
@@ -195,7 +193,7 @@ def measure(args) -> dict:
                                                      config=dict(vc, kernel="gluon")) for f in fulls])
             rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us})
             print(f"   variant {vc}: {v_us:.1f} us ({dense_us / v_us:.2f}x)", flush=True)
-        if M <= 16:  # the previous (Triton) kernel on the same call, for "not slower than main"
+        if kname == "gluon":  # the previous (Triton/scratch) kernel on the same call: "not slower than main"
             triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
                                                           outliers_per_block=k, in_features=K, out_features=N,
                                                           config=cfg) for f in fulls])

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_nm16 import format as fmt
+from vllm_nm16.kernels.common import output_bias
 
 OP_NAME = "nm16::linear"
 
@@ -77,15 +78,6 @@ def keep_offsets(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
     # Stable sort puts the kept columns first, in increasing column order.
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]
     return order.to(torch.uint8).contiguous()
-
-
-def output_bias(shift: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """shift + bias in the output dtype (either may be None): what the dense-GEMM paths (CPU and the GPU scratch
-    path) add after the matmul."""
-    b = None if shift is None else shift.to(dtype)
-    if bias is not None:
-        b = bias.to(dtype) if b is None else b + bias.to(dtype)
-    return b
 
 
 def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, bias, m, in_features, out_features):

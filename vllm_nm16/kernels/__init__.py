@@ -4,15 +4,14 @@ Importing this package is cheap and needs neither CUDA nor Triton: the Triton mo
 
 * :func:`repack` -- once per layer (``process_weights_after_loading``): on-disk tensors -> the kernels' layout.
 * :func:`nm16_linear` -- ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M, K] bf16/fp16, fp32
-  accumulation; the decode (gemv, M <= 2), tile-decode + ``tl.dot`` (M 3..16) or decode-to-scratch + cuBLAS (M >= 17,
-  scratch.py) path is picked from ``x.shape[0]`` (a Python int), so
-  it is CUDA-graph and torch.compile safe (no host syncs, no data-dependent shapes, output from ``torch.empty``).
+  accumulation. :func:`choose_config` picks the kernel from ``x.shape[0]`` (a Python int): the Gluon fragment kernel
+  (gluon_nm16.py, 8:16 at M <= 32), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
+  small layers) or decode-to-scratch + cuBLAS (scratch.py, large M). All are CUDA-graph and torch.compile safe (no
+  host syncs, no data-dependent shapes, output from ``torch.empty``).
 * :func:`reference_linear` -- the same function in float64 through ``format.unpack`` (tests, benchmarks).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -29,18 +28,26 @@ def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch
     """[M, in_features] x -> [M, out_features] in x's dtype. ``wv, wm, ov, oi`` come from :func:`repack`;
     scale/shift fp32 [out] or None, bias [out] in x's dtype or None. ``config`` overrides the tuned launch config
     and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests poison it)."""
-    kind = (config or {}).get("kernel") or small_m_kernel(x2d, wv, wm, n=n, m=m, out_features=out_features)
-    if kind == "gluon":
+    cfg = config if config and "kernel" in config else choose_config(x2d, wv, wm, n=n, m=m, out_features=out_features,
+                                                                     outlier_block=outlier_block)
+    if cfg["kernel"] == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import fragment_linear  # noqa: PLC0415  (lazy: Triton import)
 
         return fragment_linear(x2d, wv, wm, ov, oi, scale, shift, bias, outlier_block=outlier_block or 0,
                                outliers_per_block=outliers_per_block, in_features=in_features,
-                               out_features=out_features, config=config, out=out)
+                               out_features=out_features, config=cfg, out=out)
+    if cfg["kernel"] == "scratch":
+        from vllm_nm16.kernels.scratch import scratch_linear  # noqa: PLC0415
+
+        return scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
+                              outliers_per_block=outliers_per_block, in_features=in_features,
+                              out_features=out_features, out=out,
+                              chunk_bytes=int(cfg["chunk_mb"] * 2**20) if "chunk_mb" in cfg else None)
     from vllm_nm16.kernels.triton_nm16 import nm16_linear as _impl  # noqa: PLC0415  (lazy: Triton import)
 
     return _impl(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
                  outliers_per_block=outliers_per_block, in_features=in_features, out_features=out_features,
-                 config=config, out=out)
+                 config=cfg, out=out)
 
 
 # Largest M the Gluon kernel serves (above: the scratch path, kernels/scratch.py); gluon_nm16.MAX_M is its limit.
@@ -50,18 +57,31 @@ GLUON_MAX_M = 32
 GLUON_M1_MIN_WEIGHTS = 24 * 2**20
 
 
-def small_m_kernel(x2d, wv, wm, *, n: int, m: int, out_features: int) -> str | None:
-    """"gluon" where the fragment kernel can run this call (8:16, M <= 16, bf16/fp16, sm_80+) and
-    ``VLLM_NM16_KERNEL`` does not say "triton"; None = the Triton kernels' own choice (configs.pick_config)."""
-    if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M or os.environ.get("VLLM_NM16_KERNEL", "auto").lower() == "triton":
-        return None
+def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_block: int | None) -> dict:
+    """The kernel (and launch config) of one call, from M = ``x2d.shape[0]`` (a Python int: fixed at trace/capture
+    time): the Gluon fragment kernel where it can run and wins (:func:`gluon_choice`), else the Triton kernels'
+    table (configs.pick_config: gemv / dot / scratch)."""
+    from vllm_nm16.kernels.configs import pick_config  # noqa: PLC0415
+
+    M, K = x2d.shape
+    if gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
+        return {"kernel": "gluon"}
+    return pick_config(out_features, K, M, n=n, m=m, outlier_block=outlier_block)
+
+
+def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
+    """Whether the Gluon fragment kernel runs this call: it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M), the
+    backend allows it (``VLLM_NM16_BACKEND`` "auto"/"gluon"), and at M = 1 the layer is large enough to beat the
+    Triton gemv."""
+    from vllm_nm16 import envs  # noqa: PLC0415
+
+    if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M or envs.VLLM_NM16_BACKEND not in ("auto", "gluon"):
+        return False
     from vllm_nm16.kernels.gluon_nm16 import can_implement  # noqa: PLC0415
 
     M, K = x2d.shape
     ok, _ = can_implement(M, out_features, K, n, m, x2d, wv, wm)
-    if ok and M == 1 and out_features * K < GLUON_M1_MIN_WEIGHTS:
-        return None
-    return "gluon" if ok else None
+    return ok and (M > 1 or out_features * K >= GLUON_M1_MIN_WEIGHTS or envs.VLLM_NM16_BACKEND == "gluon")
 
 
 def reference_linear(x2d: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

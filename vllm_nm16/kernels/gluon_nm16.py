@@ -31,6 +31,11 @@ def _lg(v: int) -> int:
     return v.bit_length() - 1
 
 
+def outlier_lanes(BM: int) -> int:
+    """Lanes along the outlier slots of a chunk (the rest of the warp along rows)."""
+    return 4 if BM <= 8 else 2 if BM <= 16 else 1
+
+
 def make_layouts(WK: int, WN: int, BM: int):
     """The distributed layouts: warps [WK along K, WN along N], 16 rows per WN-warp, BM tokens, 2 tiles per step."""
     R = 16 * WN
@@ -55,9 +60,10 @@ def make_layouts(WK: int, WN: int, BM: int):
     xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=lane5,
                                     warp_bases=[[0, 0, 0, 0, 0]] * _lg(WN) + warp_k, block_bases=[],
                                     shape=[WK, BM, 2, 4, 8])
-    # outliers [R rows, OC slots, BM tokens]: tokens in registers
-    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[8, 4, 1], warps_per_cta=[WN, WK, 1],
-                          order=[2, 1, 0])
+    # outliers [R rows, OC slots, BM tokens]: tokens in registers; OC = outlier_lanes(BM) * WK slots per chunk (fewer
+    # for larger BM: the gathered x and the accumulator hold 2 * OC * BM / (16 * WK) values per thread)
+    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[32 // outlier_lanes(BM), outlier_lanes(BM), 1],
+                          warps_per_cta=[WN, WK, 1], order=[2, 1, 0])
     return mma, a_l, b_l, vl, gl4, xl, ol
 
 
@@ -367,6 +373,6 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
         M, N, K, S, y.stride(0), NO, x2d.stride(0),
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
         has_out, bool(cfg["out_in_loop"]), outlier_block if has_out else 1, outliers_per_block if has_out else 1,
-        4 * WK, scale is not None, shift is not None, bias is not None,
+        outlier_lanes(BM) * WK, scale is not None, shift is not None, bias is not None,
         *layouts(WK, WN, BM), num_warps=WK * WN)
     return y

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from vllm_nm16.kernels.layout import lut_for
-from vllm_nm16.kernels.triton_nm16 import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
-from vllm_nm16.ops import output_bias
+from vllm_nm16.kernels.common import output_bias
+from vllm_nm16.kernels.triton_decode import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
 
 # Dense bytes decoded per chunk (see scratch_linear); 0 = the whole layer at once. Chunks bound the scratch memory
 # but cost time: on the H100, 4-32 MB chunks were never faster than one pass (0-190% slower, 8B shapes, M 16-4096)

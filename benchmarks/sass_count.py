@@ -1,0 +1,123 @@
+"""SASS instructions per kept value of the Gluon fragment kernel's main loop, per launch variant, compiled for sm_90
+with the Triton in this environment (3.6 on the GPU host) -- no GPU needed: ``triton.compile`` targets sm_90 and the
+cubin is disassembled with the cuobjdump that Triton ships.
+
+    python3 benchmarks/sass_count.py --out benchmarks/results/sass_h200.json
+
+The main loop is unrolled by two K steps; per thread one trip decodes 2 rows x 2 groups x 2 steps = 64 kept values,
+whatever BM/WN/WK are, so ``sass_per_kept = loop instructions / 64``. Also recorded: registers per thread (occupancy)
+and the instruction mix of the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import inspect
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEPT_PER_TRIP = 64
+VARIANTS = {  # name: (BM, WN, WK, outliers, outliers in the loop) -- the launch shapes pick_config uses
+    "BM8 bare": (8, 1, 4, False, True), "BM8 outliers": (8, 1, 4, True, True),
+    "BM16 bare": (16, 1, 8, False, False), "BM16 outliers": (16, 1, 8, True, False),
+    "BM32 bare": (32, 2, 4, False, False), "BM32 outliers": (32, 2, 4, True, False),
+}
+
+
+def _import_kernel():
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # a CPU box with only Triton: the module needs torch at import, not for compiling
+        class _Stub(types.ModuleType):
+            def __getattr__(self, k):
+                return type(k, (), {})
+        sys.modules["torch"] = _Stub("torch")
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("vllm_nm16.kernels.fragment", ROOT / "vllm_nm16/kernels/fragment.py")
+    fr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fr)
+    sys.modules["vllm_nm16.kernels.fragment"] = fr
+    spec = importlib.util.spec_from_file_location("gluon_nm16", ROOT / "vllm_nm16/kernels/gluon_nm16.py")
+    g = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(g)
+    return g
+
+
+def _loop(sass: str) -> list[str]:
+    """Opcodes of the longest backward-branch loop (the main K loop)."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
+           re.finditer(r"^\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*?);", sass, re.M)]
+    best: list[str] = []
+    for addr, op, rest in ins:
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if t and int(t.group(1), 16) < addr:
+            body = [o for a, o, _ in ins if int(t.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def count(g, BM, WN, WK, has_out, in_loop, K=4096) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
+                oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", M="i32",
+                N="i32", K="i32", S="i32", stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, WK=WK,
+                WN=WN, BM=BM, EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, OUT_IN_LOOP=in_loop, OB=256, OK=4,
+                OC=g.outlier_lanes(BM) * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
+    for name, lay in zip(("mma", "a_l", "b_l", "vl", "gl4", "xl", "ol"), g.make_layouts(WK, WN, BM)):
+        args[name] = lay
+    sig, cex, attrs = {}, {}, {}
+    for i, p in enumerate(inspect.signature(g.nm16_fragment_kernel.fn).parameters):
+        v = args[p]
+        if isinstance(v, str) and v.startswith("*"):
+            sig[p], attrs[(i,)] = v, [["tt.divisibility", 16]]
+        elif v == "i32":
+            sig[p] = "i32"
+            if p != "M":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p], cex[(i,)] = "constexpr", v
+    k = triton.compile(GluonASTSource(g.nm16_fragment_kernel, sig, cex, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": WK * WN})
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    loop = _loop(sass)
+    mix = collections.Counter(o.split(".")[0] for o in loop)
+    return {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out,
+            "loop_instructions": len(loop), "sass_per_kept": round(len(loop) / KEPT_PER_TRIP, 2),
+            "registers": int(re.search(r"REG:(\d+)", res).group(1)), "mix": dict(mix.most_common(12))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sass_h200.json")
+    args = ap.parse_args()
+    import triton
+
+    g = _import_kernel()
+    rows = {}
+    for name, v in VARIANTS.items():
+        rows[name] = count(g, *v)
+        r = rows[name]
+        print(f"{name:<14} {r['sass_per_kept']:5.2f} SASS/kept  ({r['loop_instructions']} per trip)  "
+              f"{r['registers']} regs  {r['mix']}")
+    args.out.write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "command": " ".join(sys.argv),
+                                    "kept_per_trip": KEPT_PER_TRIP, "variants": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
