@@ -14,6 +14,11 @@ Everything goes through ``vllm_nm16.format.pack`` (the one spec) and is written 
 (``offline.writer``: safetensors shards + index, atomically through a temp folder).
 
     python benchmarks/pack_random_nm16.py DENSE_DIR OUT_DIR [--pattern 8:16] [--outliers 4/256] [--device cuda]
+
+``--config-only`` writes only OUT_DIR/config.json (DENSE_DIR's config + the same ``quantization_config``) and the
+auxiliary files (generation config, tokenizer if any), no tensors: with vLLM's ``--load-format dummy`` the plugin
+fills each layer with a valid random nm16 layer itself, so any shape runs with no weight files (DENSE_DIR may be a
+``make_random_llama.py --config-only`` folder).
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outliers", default="4/256", help="k/B structured outlier budget, or 'none'")
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--config-only", action="store_true",
+                    help="write config.json (+ generation config / tokenizer files) only, no tensors: for vLLM "
+                         "--load-format dummy")
     args = ap.parse_args(argv)
 
     from safetensors import safe_open
@@ -78,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = json.loads((args.dense_dir / "config.json").read_text())
     if "quantization_config" in cfg:
         raise SystemExit(f"error: {args.dense_dir} is already quantized")
+    if args.config_only:
+        if args.out_dir.exists():
+            raise SystemExit(f"error: {args.out_dir} exists")
+        cfg["quantization_config"] = spec.to_config()
+        cfg["quantization_config"]["recipe"].update(
+            method="none: config only, random layers drawn by the plugin under --load-format dummy",
+            variance_correction="none (random scales ~1)" if spec.has_scale else "none")
+        with staging_folder(args.out_dir, overwrite=False) as tmp:
+            write_json(tmp / "config.json", cfg)
+            copy_aux_files(args.dense_dir, tmp)
+        print(f"wrote the config of an nm16 model ({spec.pattern}, outliers {args.outliers}, scale {spec.has_scale}; "
+              f"no tensors: load it with --load-format dummy) to {args.out_dir}")
+        return 0
     files = sorted(args.dense_dir.glob("*.safetensors"))
     if not files:
         raise SystemExit(f"error: no .safetensors in {args.dense_dir}")

@@ -3,6 +3,10 @@
 The tokenizer is copied from a local HF folder (by default the default model's), so the result loads in transformers
 and vLLM like any checkpoint. Weights are drawn with a realistic scale (std 0.02, like Llama's initializer) so pruning,
 outlier selection and kernels see ordinary magnitudes.
+
+``--config-only`` (:func:`write_llama_config`) writes just config.json + generation_config.json (no weights, no
+tokenizer unless ``--tokenizer-from`` is given): a folder for vLLM's ``load_format="dummy"`` with
+``skip_tokenizer_init``, e.g. a Llama-3-8B-shaped engine on a host with no room or time for the weights.
 """
 
 from __future__ import annotations
@@ -23,6 +27,40 @@ PRESETS = {
     "llama3-8b": (4096, 14336, 32, 32, 8),
 }
 PRESET_VOCAB = {"llama3-8b": 128256}
+
+
+def write_llama_config(out_dir: str | Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                       heads: int = 4, kv_heads: int = 2, dtype: str = "bfloat16",
+                       tokenizer_from: str | Path | None = None, tie_word_embeddings: bool = False,
+                       max_position_embeddings: int = 2048, vocab_size: int | None = None) -> Path:
+    """Write only config.json + generation_config.json of a Llama (no weights): for dummy-loaded vLLM engines.
+    With ``tokenizer_from`` the vocabulary size (unless given) and special token ids come from that tokenizer, whose
+    files are copied too; without it the vocabulary is ``vocab_size`` (default 32000) and no tokenizer is written."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    special = {}
+    if tokenizer_from:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
+        vocab_size = vocab_size or len(tok)
+        special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=vocab_size or 32000, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+                      initializer_range=0.02, **special)
+    cfg.torch_dtype = dtype
+    cfg.architectures = ["LlamaForCausalLM"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(out)
+    GenerationConfig.from_model_config(cfg).save_pretrained(out)
+    if tokenizer_from:
+        tok.save_pretrained(out)
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file() and not (out / name).is_file():
+                shutil.copy(Path(tokenizer_from) / name, out / name)
+    return out
 
 
 def make_random_llama(out_dir: str | Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
@@ -78,8 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-from", type=Path, default=None)
     ap.add_argument("--device", default="cpu", help="where to draw the random weights (cpu|cuda)")
+    ap.add_argument("--config-only", action="store_true",
+                    help="write only config.json + generation_config.json (no weights; a tokenizer only with "
+                         "--tokenizer-from): a folder for vLLM --load-format dummy --skip-tokenizer-init")
     args = ap.parse_args(argv)
     hidden, inter, layers, heads, kv = PRESETS[args.preset]
+    if args.config_only:
+        out = write_llama_config(args.out_dir, hidden=hidden, intermediate=inter, layers=args.layers or layers,
+                                 heads=heads, kv_heads=kv, tokenizer_from=args.tokenizer_from,
+                                 vocab_size=PRESET_VOCAB.get(args.preset),
+                                 max_position_embeddings=8192 if args.preset == "llama3-8b" else 2048)
+        print(out)
+        return 0
     out = make_random_llama(args.out_dir, hidden=hidden, intermediate=inter, layers=args.layers or layers,
                             heads=heads, kv_heads=kv, seed=args.seed, tokenizer_from=args.tokenizer_from,
                             vocab_size=PRESET_VOCAB.get(args.preset), device=args.device,

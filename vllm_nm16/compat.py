@@ -11,6 +11,11 @@
 * ``QuantizationConfig.maybe_update_config(model, hf_config=...)`` (called by VllmConfig in 0.32) is where
   ``NM16Config`` reads the checkpoint's tensor names; where a build does not call it, the config falls back to
   :func:`current_model_path` on its first ``get_quant_method`` call.
+* Dummy weight loading (``load_format="dummy"``): both builds set the engine's VllmConfig as the current config while
+  the model is built (``create_weights`` runs inside it) and keep ``LoadConfig.load_format`` there. 0.32 holds a plain
+  lower-cased str; older builds may hold a ``LoadFormat`` str-enum (or a loader object). Outside an engine 0.32's
+  ``get_current_vllm_config`` raises AssertionError where older builds return a default config ("auto").
+  :func:`dummy_weight_loading` reads all of these.
 """
 
 from __future__ import annotations
@@ -41,6 +46,38 @@ def tag_compile_cache(key: str, value: str) -> None:
         return
     if isinstance(extra, dict):
         extra[key] = value
+
+
+def _current_config():
+    """The VllmConfig being built in this process, or None (no engine: a layer built in a unit test)."""
+    import vllm.config as vc  # noqa: PLC0415
+
+    getter = getattr(vc, "get_current_vllm_config_or_none", None)
+    if getter is not None:
+        return getter()
+    try:
+        return vc.get_current_vllm_config()
+    except Exception:  # noqa: BLE001 - builds that assert when no config is set
+        return None
+
+
+def weight_load_format() -> str | None:
+    """The engine's load format ("auto", "dummy", ...) while a model is being built; None outside an engine."""
+    cfg = _current_config()
+    load_format = getattr(getattr(cfg, "load_config", None), "load_format", None)
+    if load_format is None:
+        return None
+    value = getattr(load_format, "value", load_format)  # LoadFormat str-enum (older builds) -> its value
+    if isinstance(value, str):
+        return value.lower()
+    name = type(load_format).__name__  # a loader object passed as the load format
+    return "dummy" if name == "DummyModelLoader" else name
+
+
+def dummy_weight_loading() -> bool:
+    """Whether the engine fills weights with random values instead of reading files (``load_format="dummy"``):
+    the nm16 layers then make up a valid random packed layer themselves (see ``vllm_nm16.dummy``)."""
+    return weight_load_format() == "dummy"
 
 
 def vllm_distribution() -> str | None:

@@ -22,6 +22,11 @@ cropped by ``narrow``, a missing one stays garbage). So every parameter's loader
 checkpoint shape and dtype of each incoming tensor (naming the checkpoint tensor) and records which shard arrived;
 ``process_weights_after_loading`` refuses missing tensors/shards, then runs the format's ``validate_layer`` on each
 checkpoint module's rows (popcount == N, outlier offsets, finite values), then hands the tensors to ``ops.prepare``.
+
+Dummy loading (``load_format="dummy"``: vLLM reads no files and fills float parameters with noise): detected when the
+layer is created (:func:`vllm_nm16.compat.dummy_weight_loading`); ``process_weights_after_loading`` then first fills
+the layer's parameters of this rank with a valid random nm16 layer (:mod:`vllm_nm16.dummy`, seeded by prefix and
+rank) and goes on exactly as for real weights (validation, ``ops.prepare``).
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ import torch
 from torch.nn import Parameter
 from vllm.model_executor.layers.linear import (LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear,
                                                RowParallelLinear, register_weight_loader_v2_supported_method)
+from vllm.logger import init_logger
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLMParameter
 
-from vllm_nm16 import compat
+from vllm_nm16 import compat, dummy
 from vllm_nm16 import format as fmt
 from vllm_nm16 import ops
 from vllm_nm16.config import NM16Config
 
 QKV_SHARDS = ("q", "k", "v")
+logger = init_logger("vllm.nm16")  # a child of vLLM's configured "vllm" logger, so its lines show
+_dummy_logged = False
 
 
 def _packed_factor(num: int, den: int) -> int | Fraction:
@@ -79,6 +87,8 @@ class NM16LinearMethod(LinearMethodBase):
         layer.nm16_in_features = k
         layer.nm16_out_features = out
         layer.nm16_value_dtype_seen = None
+        # load_format="dummy": no checkpoint tensors will arrive; process_weights_after_loading makes a random layer.
+        self.dummy = compat.dummy_weight_loading()
 
         def packed(name: str, width: int, dtype: torch.dtype, factor) -> None:
             # Masks start at 0 (popcount 0): a mask shard that never arrives fails validation even if tracking missed it.
@@ -153,8 +163,27 @@ class NM16LinearMethod(LinearMethodBase):
         return load
 
     # ------------------------------------------------------------------------------------- after loading: validate
+    def _fill_dummy(self, layer: torch.nn.Module) -> None:
+        """Dummy loading: overwrite this rank's parameters with a valid random nm16 layer and mark every shard as
+        loaded (vLLM's noise in the float parameters and any tensors a dummy loader pushed through are discarded)."""
+        global _dummy_logged
+        expected = fmt.expected_tensors(self.spec, 1, layer.nm16_in_features, torch.bfloat16)
+        params = {p: getattr(layer, p).data for p in expected}
+        seed = dummy.layer_seed(self.prefix, getattr(layer, "tp_rank", 0))
+        layer.nm16_value_dtype_seen = dummy.fill_random(params, self.spec, layer.nm16_in_features, seed=seed,
+                                                        fan_in=layer.input_size)
+        layer.nm16_loaded = {p: {i for i, _, _ in self._shards(layer)} for p in expected}
+        if not _dummy_logged:
+            _dummy_logged = True
+            logger.info("nm16: load_format=dummy: filling nm16 layers with valid random %s layers (outliers %s, "
+                        "scale %s, shift %s)", self.spec.pattern,
+                        f"{self.spec.outliers_per_block}/{self.spec.outlier_block}" if self.spec.has_outliers
+                        else "none", self.spec.has_scale, self.spec.has_shift)
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = self.spec
+        if getattr(self, "dummy", False):
+            self._fill_dummy(layer)
         shards = self._shards(layer)
         expected = fmt.expected_tensors(spec, 1, layer.nm16_in_features, torch.bfloat16)
         missing = [f"{n}.{p}" for p in expected for i, n, _ in shards if i not in layer.nm16_loaded.get(p, ())]
