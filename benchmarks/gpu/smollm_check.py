@@ -41,7 +41,7 @@ def vllm_child(ckpt: str, eval_text: str, out_json: str) -> None:
     """In a fresh process (CUDA must not be initialised before vLLM forks): greedy + perplexity through vLLM."""
     from vllm import LLM, SamplingParams
 
-    from vllm_nm16.eval_vllm import perplexity_vllm
+    from offline.eval_vllm import perplexity_vllm
 
     t0 = time.perf_counter()
     llm = LLM(model=ckpt, quantization="nm16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
