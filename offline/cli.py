@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
-DEFAULT_THREADS = int(os.environ.get("NM16_THREADS", "0")) or None
+
+
+def _default_threads() -> int | None:
+    from vllm_nm16 import envs
+
+    return envs.NM16_THREADS
 
 
 def _equalize_arg(text: str):
@@ -63,7 +67,7 @@ def compress_parser() -> argparse.ArgumentParser:
     ap.add_argument("--strict", dest="strict_divisible", action="store_true",
                     help="fail instead of keeping dense the layers whose in_features are not divisible")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=_default_threads(), help="torch CPU threads")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     return ap
 
@@ -81,7 +85,7 @@ def eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="device for the hf engine")
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward (hf engine)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result dict here")
-    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    ap.add_argument("--threads", type=int, default=_default_threads())
     return ap
 
 
