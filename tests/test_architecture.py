@@ -1,8 +1,9 @@
-"""The import graph points one way: ``vllm_nm16.format`` (the spec) <- ``offline`` and <- the plugin; no cycles.
+"""The import graph points one way: ``vllm_nm16.format`` (the spec) <- ``offline`` and <- the plugin; no cycles; the
+development helpers (``nm16_dev``) sit above both and neither runtime package imports them.
 
-Every ``import`` / ``from ... import`` in the packages ``vllm_nm16`` and ``offline`` is read with ``ast``, including
+Every ``import`` / ``from ... import`` in the packages ``vllm_nm16``, ``offline`` and ``nm16_dev`` is read with ``ast``, including
 the ones inside functions (lazy imports still tie the modules together) and under ``if TYPE_CHECKING``. An edge goes
-to the most specific module of the two packages that the statement names: ``from vllm_nm16 import format`` is an edge
+to the most specific module of these packages that the statement names: ``from vllm_nm16 import format`` is an edge
 to ``vllm_nm16.format``, ``from vllm_nm16.kernels import repack`` one to ``vllm_nm16.kernels`` (its ``__init__``).
 Imports of anything else (torch, vllm, ...) are ignored. Pure static analysis: nothing is imported, so this runs
 without vLLM, torch or a GPU.
@@ -14,7 +15,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("vllm_nm16", "offline")
+PACKAGES = ("vllm_nm16", "offline", "nm16_dev")
+RUNTIME = ("vllm_nm16", "offline")
 
 # Import cycles that exist today in the kernel side of the plugin, each written from its smallest module name on.
 # The kernel-backend rework removes them: take an entry out as soon as its cycle is gone (test_known_cycles_exist
@@ -53,7 +55,7 @@ def _imported_names(node: ast.AST, module: str, is_package: bool) -> list[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the modules of the two packages it imports (anywhere in its body)."""
+    """module -> the modules of PACKAGES it imports (anywhere in its body)."""
     mods = module_files()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
@@ -113,6 +115,12 @@ def test_plugin_does_not_import_offline():
     bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.split(".")[0] == "vllm_nm16"
                  for t in ts if t.split(".")[0] == "offline")
     assert not bad, "the vLLM plugin must not depend on the offline compressor: " + ", ".join(bad)
+
+
+def test_runtime_does_not_import_dev_helpers():
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.split(".")[0] in RUNTIME
+                 for t in ts if t.split(".")[0] == "nm16_dev")
+    assert not bad, "nm16_dev holds test/dev helpers only: " + ", ".join(bad)
 
 
 def test_no_import_cycle():
