@@ -49,6 +49,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "compare against); anything else: Triton on CUDA. CPU tensors always take the PyTorch path.",
            "`vllm_nm16/ops.py`, when weights are prepared and at every call; part of vLLM's compile-cache hash "
            "(`compat.tag_compile_cache`)"),
+    EnvVar("VLLM_NM16_KERNEL", "auto", str.lower,
+           "`triton`: never dispatch to the Gluon 8:16 fragment kernel; anything else (`auto`): the Gluon kernel "
+           "serves the small-M calls it can run (M <= 32, bf16/fp16, sm_80+; M = 1 only for large layers), the "
+           "Triton kernels the rest",
+           "`vllm_nm16/kernels/__init__.py` (`small_m_kernel`), at every call (GPU)"),
     EnvVar("NM16_SCRATCH_MIN_M", "17", int,
            "from which token count M a layer is decoded into a transient dense buffer + cuBLAS; 0 = never",
            "`vllm_nm16/kernels/configs.py`, at import (GPU)"),
@@ -91,6 +96,7 @@ environment_variables: dict[str, Callable[[], Any]] = {v.name: v.read for v in E
 
 if TYPE_CHECKING:  # attribute types for type checkers; at run time every read goes through __getattr__
     VLLM_NM16_BACKEND: str
+    VLLM_NM16_KERNEL: str
     NM16_SCRATCH_MIN_M: int
     NM16_SCRATCH_CHUNK_MB: float
     NM16_POS_MODE: str
