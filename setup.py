@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_nm16", "vllm_nm16.*", "offline", "offline.*"]),
+    packages=find_packages(include=["vllm_nm16", "vllm_nm16.*", "offline", "offline.*", "nm16_dev", "nm16_dev.*"]),
     install_requires=[
         "torch>=2.11",
         "safetensors>=0.4",

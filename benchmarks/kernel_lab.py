@@ -15,18 +15,15 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+import triton
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-
-from vllm_nm16.kernels import nm16_linear, reference_linear, repack  # noqa: E402
-from vllm_nm16.kernels.testing import layer_args, random_layer  # noqa: E402
+from vllm_nm16.kernels import nm16_linear, reference_linear, repack
+from vllm_nm16.kernels.testing import layer_args, random_layer
 
 
 def copy_bandwidth() -> float:

@@ -6,10 +6,8 @@ Presets: tiny, small, llama3-8b (hidden 4096, intermediate 14336, 32 layers, 32/
 embedding and lm_head have Llama-3-8B's size; the tokenizer is the default model's, rows past it are never used).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from offline.random_model import main  # noqa: E402
+from offline.random_model import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,44 +4,16 @@ scratch + cuBLAS vs the fused dot kernel vs cuBLAS dense per M. Raw numbers for 
     python3 benchmarks/scratch_lab.py --out lab.json
 
 Timing: calls captured back to back in a CUDA graph over enough weight copies (>= 160 MB) that the packed bytes
-come from HBM; median of 7 replays, per call (the same method as bench_kernels.py).
+come from HBM; median of 7 replays, per call (``common.graph_us``, the same method as bench_kernels.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-SHAPES = {"8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336)}
-
-
-def graph_us(fns, reps=7) -> float:
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=side):
-        for f in fns:
-            f()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(1e3 * e0.elapsed_time(e1) / len(fns))
-    return statistics.median(times)
+from common import SHAPES, SHAPES_8B, graph_us
 
 
 def main() -> None:
@@ -55,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--ms", default="4,8,16,32,64,128,256,1024")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(SHAPES_8B))
     ap.add_argument("--tune", action="store_true", help="also sweep the unpack tile configs")
     ap.add_argument("--chunks", default="0,4,8,16,32", help="scratch chunk sizes in MB (0: whole layer)")
     args = ap.parse_args()

@@ -29,13 +29,13 @@ def compress(model_dir, out_dir, **kwargs) -> Path:
 def evaluate(model_or_ckpt, text, *, seqlen: int = 512, stride: int | None = None, max_tokens: int | None = None,
              engine: str = "hf", **engine_kw) -> dict:
     """Perplexity of a dense HF folder or nm16 checkpoint on a text file; ``engine`` is 'hf' (transformers, fp32,
-    nm16 layers unpacked to dense) or 'vllm' (``vllm_nm16.eval_vllm.perplexity_vllm``)."""
+    nm16 layers unpacked to dense) or 'vllm' (``offline.eval_vllm.perplexity_vllm``)."""
     if engine == "hf":
         from offline.evaluate import perplexity_hf
 
         return perplexity_hf(model_or_ckpt, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens, **engine_kw)
     if engine == "vllm":
-        from vllm_nm16.eval_vllm import perplexity_vllm
+        from offline.eval_vllm import perplexity_vllm
 
         return perplexity_vllm(model_or_ckpt, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
                                **engine_kw)

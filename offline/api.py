@@ -9,8 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from offline.compressor import Recipe
 from offline.models import architecture_of
+from offline.recipe import Recipe, recipe_options
 
 log = logging.getLogger("offline")
 
@@ -86,13 +86,14 @@ def source_tensor_names(model_dir: Path) -> dict[str, Any]:
     return names
 
 
-def compress(model_dir, out_dir, *, pattern: str = "8:16", method: str = "sparsegpt", calib=None,
-             nsamples: int = 32, seqlen: int = 512, seed: int = 0, device: str = "cpu", outliers: str | None = "auto",
-             outlier_structure: str = "structured", variance_correction: str = "channel", mean_shift: bool = False,
-             equalize: float | str | None = 0.5, blocksize: int = 128, percdamp: float = 0.01,
-             true_sequential: bool = True, overwrite: bool = False, strict_divisible: bool = False,
-             progress: bool = True, threads: int | None = None) -> Path:
-    """Compress ``model_dir`` into ``out_dir``; see ``nm16-compress --help`` for the options. Returns ``out_dir``."""
+def compress(model_dir, out_dir, *, device: str = "cpu", overwrite: bool = False, strict_divisible: bool = False,
+             progress: bool = True, threads: int | None = None, **options) -> Path:
+    """Compress ``model_dir`` into ``out_dir``; returns ``out_dir``. ``options`` are the fields of
+    :class:`offline.recipe.Recipe` (pattern, method, outliers, ..., calib: the ``nm16-compress`` options; unset ones
+    take the recipe's defaults); the named arguments change how the run goes, not its result."""
+    unknown = sorted(set(options) - set(recipe_options()))
+    if unknown:
+        raise TypeError(f"compress() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,13 +111,11 @@ def compress(model_dir, out_dir, *, pattern: str = "8:16", method: str = "sparse
         raise CompressError(f"output folder {out_dir} must not be (inside) the input model folder")
     if out_dir.exists() and not overwrite:
         raise CompressError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    equalize = options.get("equalize")
     if equalize is not None and isinstance(equalize, str):
-        equalize = None if equalize.lower() == "none" else float(equalize)
-    calib_path = Path(calib) if calib else default_calib_path()
-    recipe = Recipe(pattern=pattern, method=method, outliers=outliers, outlier_structure=outlier_structure,
-                    variance_correction=variance_correction, mean_shift=mean_shift, equalize=equalize,
-                    nsamples=nsamples, seqlen=seqlen, seed=seed, blocksize=blocksize, percdamp=percdamp,
-                    true_sequential=true_sequential, calib=str(calib_path))
+        options["equalize"] = None if equalize.lower() == "none" else float(equalize)
+    calib_path = Path(options["calib"]) if options.get("calib") else default_calib_path()
+    recipe = Recipe(**{**options, "calib": str(calib_path)})
     try:
         recipe.check()
     except ValueError as e:
@@ -126,7 +125,7 @@ def compress(model_dir, out_dir, *, pattern: str = "8:16", method: str = "sparse
     with writer.staging_folder(out_dir, overwrite) as tmp:
         tok = AutoTokenizer.from_pretrained(model_dir)
         try:
-            samples = calibration_samples(tok, calib_path, nsamples, seqlen, seed)
+            samples = calibration_samples(tok, calib_path, recipe.nsamples, recipe.seqlen, recipe.seed)
         except CalibrationError as e:
             raise CompressError(str(e)) from None
         src_names = source_tensor_names(model_dir)

@@ -21,22 +21,32 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEFAULT_ROOT = Path(os.environ.get("NM16_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
 MODEL_NAME = "smollm2-135m"
 SPLIT_YEAR = 2000
 _SPEECH_RE = re.compile(r"^(\d{4})-.+\.txt$")
 
 
-def default_model_dir(root: Path = DEFAULT_ROOT) -> Path:
-    return Path(root) / "models" / MODEL_NAME
+def default_root() -> Path:
+    """The cache folder: ``NM16_CACHE``, default ``.cache/`` next to the packages (see ``vllm_nm16.envs``)."""
+    from vllm_nm16 import envs
+
+    return envs.NM16_CACHE
 
 
-def default_calib_path(root: Path = DEFAULT_ROOT) -> Path:
-    return Path(root) / "data" / "sotu-calib.txt"
+def _root(root: Path | None) -> Path:
+    return default_root() if root is None else Path(root)
 
 
-def default_eval_path(root: Path = DEFAULT_ROOT) -> Path:
-    return Path(root) / "data" / "sotu-eval.txt"
+def default_model_dir(root: Path | None = None) -> Path:
+    return _root(root) / "models" / MODEL_NAME
+
+
+def default_calib_path(root: Path | None = None) -> Path:
+    return _root(root) / "data" / "sotu-calib.txt"
+
+
+def default_eval_path(root: Path | None = None) -> Path:
+    return _root(root) / "data" / "sotu-eval.txt"
 
 
 def _dist_file(dist: str, suffix: str) -> list[Path]:
@@ -88,7 +98,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_corpus(root: Path = DEFAULT_ROOT, force: bool = False) -> tuple[Path, Path]:
+def build_corpus(root: Path | None = None, force: bool = False) -> tuple[Path, Path]:
     calib_p, eval_p = default_calib_path(root), default_eval_path(root)
     if force or not (calib_p.is_file() and eval_p.is_file()):
         calib, evals = split_corpus(find_speeches())
@@ -128,7 +138,7 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Pa
     return out_dir
 
 
-def build_model(root: Path = DEFAULT_ROOT, force: bool = False) -> Path:
+def build_model(root: Path | None = None, force: bool = False) -> Path:
     out = default_model_dir(root)
     if force or not (out / "nm16_source.json").is_file():  # written last: marks a complete folder
         convert_gguf_to_hf(find_gguf(), out)
@@ -137,7 +147,7 @@ def build_model(root: Path = DEFAULT_ROOT, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="cache folder (default: %(default)s)")
+    ap.add_argument("--root", type=Path, default=default_root(), help="cache folder (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
     args = ap.parse_args(argv)
     calib, evals = build_corpus(args.root, args.force)

@@ -9,38 +9,54 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
-DEFAULT_THREADS = int(os.environ.get("NM16_THREADS", "0")) or None
+
+def _default_threads() -> int | None:
+    from vllm_nm16 import envs
+
+    return envs.NM16_THREADS
 
 
-def _equalize_arg(text: str):
-    if text.lower() == "none":
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ALPHA in [0, 1] or 'none', got {text!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"ALPHA must be in [0, 1], got {v}")
-    return v
+def _cli_type(parse):
+    """A recipe field's value parser as an argparse type: its ValueError message becomes the usage error."""
+    if parse in (int, float, str, Path):
+        return parse
+
+    def typed(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    typed.__name__ = parse.__name__
+    return typed
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def add_recipe_options(ap: argparse.ArgumentParser) -> None:
+    """One option per field of :class:`offline.recipe.Recipe`, from its default and metadata."""
+    from dataclasses import fields
+
+    from offline.recipe import Recipe
+
+    for f in fields(Recipe):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        help_ = meta["help"].replace("%", "%%") if meta.get("help") else None
+        if isinstance(f.default, bool):
+            ap.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=help_)
+            continue
+        kw = {k: meta[k] for k in ("choices", "metavar") if k in meta}
+        parse = meta.get("type") or type(f.default)
+        if parse is not str:
+            kw["type"] = _cli_type(parse)
+        ap.add_argument(flag, dest=f.name, default=f.default, help=help_, **kw)
 
 
 def compress_parser() -> argparse.ArgumentParser:
     from offline.models import SUPPORTED_ARCHITECTURES
+    from offline.recipe import positive_int
 
     ap = argparse.ArgumentParser(
         prog="nm16-compress",
@@ -49,33 +65,12 @@ def compress_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--pattern", default="8:16", help="N:M (2:4, 4:8, 8:16, 16:32) or 'unstructured' (50%%, "
-                    "quality comparisons only: written as a dense HF folder holding zeros)")
-    ap.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
-    ap.add_argument("--calib", type=Path, default=None,
-                    help="calibration text file or folder of .txt (default: the sotu-calib split)")
-    ap.add_argument("--nsamples", type=_positive_int, default=32,
-                    help="calibration windows drawn from --calib (more: better statistics, slower)")
-    ap.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration window")
-    ap.add_argument("--seed", type=int, default=0)
+    add_recipe_options(ap)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--outliers", default="auto", help="k/B outliers per (row, block of B input columns), 'auto' "
-                    "(1 per 64 weights with the largest B in 256/192/128/64 dividing every layer) or 'none'")
-    ap.add_argument("--outlier-structure", default="structured", choices=["structured", "unstructured"],
-                    help="unstructured = global top weights at equal bytes (comparison only; dense output)")
-    ap.add_argument("--variance-correction", default="channel", choices=["channel", "tensor", "none"])
-    ap.add_argument("--mean-shift", action="store_true", help="also restore the output mean (weight_shift)")
-    ap.add_argument("--equalize", type=_equalize_arg, default=0.5, metavar="ALPHA|none",
-                    help="SmoothQuant-like equalization strength (folded into the norms / producing layers)")
-    ap.add_argument("--blocksize", type=_positive_int, default=128,
-                    help="SparseGPT column block size (a multiple of M)")
-    ap.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT Hessian damping (fraction of mean diag)")
-    ap.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                    help="collect all statistics of a block before compressing any of its layers")
     ap.add_argument("--strict", dest="strict_divisible", action="store_true",
                     help="fail instead of keeping dense the layers whose in_features are not divisible")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    ap.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, help="torch CPU threads")
+    ap.add_argument("--threads", type=_cli_type(positive_int), default=_default_threads(), help="torch CPU threads")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     return ap
 
@@ -93,7 +88,7 @@ def eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="device for the hf engine")
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward (hf engine)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result dict here")
-    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    ap.add_argument("--threads", type=int, default=_default_threads())
     return ap
 
 
@@ -115,13 +110,11 @@ def compress_main(argv: list[str] | None = None) -> int:
     from offline.api import CompressError, compress
 
     try:
-        out = compress(args.model_dir, args.out_dir, pattern=args.pattern, method=args.method, calib=args.calib,
-                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-                       outliers=args.outliers, outlier_structure=args.outlier_structure,
-                       variance_correction=args.variance_correction, mean_shift=args.mean_shift,
-                       equalize=args.equalize, blocksize=args.blocksize, percdamp=args.percdamp,
-                       true_sequential=args.true_sequential, overwrite=args.overwrite,
-                       strict_divisible=args.strict_divisible, progress=not args.quiet, threads=args.threads)
+        from offline.recipe import recipe_options
+
+        out = compress(args.model_dir, args.out_dir, device=args.device, overwrite=args.overwrite,
+                       strict_divisible=args.strict_divisible, progress=not args.quiet, threads=args.threads,
+                       **{name: getattr(args, name) for name in recipe_options()})
     except CompressError as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -23,70 +23,11 @@ import torch
 
 from offline import correction, equalize, outliers, scoring
 from offline.models import linear_groups
+from offline.recipe import Recipe
 from offline.scoring import Pattern
 from vllm_nm16 import format as fmt
 
 log = logging.getLogger("offline")
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-@dataclass
-class Recipe:
-    """Everything that decides the result (recorded in ``quantization_config.recipe``)."""
-
-    pattern: str = "8:16"
-    method: str = "sparsegpt"
-    outliers: str | None = "auto"            # 'k/B', 'auto' (1 per 64 weights, largest B dividing all layers) or None
-    outlier_structure: str = "structured"    # structured | unstructured
-    variance_correction: str = "channel"     # channel | tensor | none
-    mean_shift: bool = False
-    equalize: float | None = 0.5             # alpha, or None for off
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    blocksize: int = 128
-    percdamp: float = 0.01
-    true_sequential: bool = True
-    calib: str | None = None
-
-    def check(self) -> None:
-        """Refuse, before any model is loaded, every setting the pipeline cannot honour (one-line ValueError)."""
-        pattern = Pattern.parse(self.pattern)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
-        if self.outlier_structure not in ("structured", "unstructured"):
-            raise ValueError(f"outlier structure must be structured|unstructured, got {self.outlier_structure!r}")
-        if self.variance_correction not in ("channel", "tensor", "none"):
-            raise ValueError(f"variance correction must be channel|tensor|none, got {self.variance_correction!r}")
-        if self.equalize is not None and not 0 <= self.equalize <= 1:
-            raise ValueError(f"equalize alpha must be in [0, 1], got {self.equalize}")
-        if isinstance(self.nsamples, bool) or not isinstance(self.nsamples, int) or self.nsamples < 1:
-            raise ValueError(f"calibration needs nsamples >= 1 (--nsamples), got {self.nsamples!r}")
-        if isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen < 2:
-            raise ValueError(f"calibration needs seqlen >= 2 tokens (--seqlen), got {self.seqlen!r}")
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise ValueError(f"SparseGPT block size (--blocksize) must be a positive integer, got {self.blocksize!r}")
-        if self.method == "sparsegpt" and pattern.structured and self.blocksize % pattern.m:
-            raise ValueError(f"SparseGPT block size {self.blocksize} (--blocksize) must be a multiple of "
-                             f"M={pattern.m} (pattern {self.pattern})")
-        if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0):
-            raise ValueError(f"SparseGPT damping (--percdamp) must be a finite number >= 0, got {self.percdamp!r}")
-        if self.outliers not in (None, "auto"):
-            kb = outliers.parse_outliers(self.outliers)
-            if kb and pattern.structured and kb[1] % pattern.m:
-                raise ValueError(f"outlier block B={kb[1]} must be a multiple of M={pattern.m} "
-                                 f"(pattern {self.pattern})")
-            if kb and self.packable:   # every other limit of the format (e.g. B <= 32768), before any work
-                fmt.NM16Spec(n=pattern.n, m=pattern.m, outlier_block=kb[1], outliers_per_block=kb[0])
-        if self.mean_shift and not self.packable:
-            raise ValueError("the mean shift needs a packable nm16 output (an N:M pattern with structured outliers)")
-
-    @property
-    def packable(self) -> bool:
-        return Pattern.parse(self.pattern).structured and not (self.outliers and
-                                                                 self.outlier_structure == "unstructured")
-
 
 AUTO_OUTLIER_DENSITY = 64   # 'auto' keeps one outlier per 64 weights (2.3% of the dense bytes with bf16 + uint8 index)
 AUTO_BLOCKS = (256, 192, 128, 64)

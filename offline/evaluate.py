@@ -1,4 +1,4 @@
-"""Perplexity evaluation shared by both engines (transformers here, vLLM in ``vllm_nm16.eval_vllm``).
+"""Perplexity evaluation shared by both engines (transformers here, vLLM in ``offline.eval_vllm``).
 
 Protocol (the same for every row of the quality matrix and for both engines):
 

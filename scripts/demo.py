@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("3. vllm serve <ckpt> --quantization nm16")
     from vllm_nm16 import compat
-    from vllm_nm16.server import VLLMServer
+    from nm16_dev.server import VLLMServer
 
     log = out.parent / "vllm-serve.log"
     srv = VLLMServer(ckpt, ["--quantization", "nm16", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(compat.KV_CACHE_BYTES),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_plugin_generate import default_nm16  # noqa: F401  (session fixture: the shared checkpoint)
-from vllm_nm16.server import VLLMServer
+from nm16_dev.server import VLLMServer
 from vllm_nm16.compat import KV_CACHE_BYTES
 
 PROMPT = "The President said that the state of the union is"

@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vllm_nm16 import envs
+
 PROMPTS = [
     "The State of the Union address is",
     "Write one sentence about the ocean:",
@@ -41,13 +43,13 @@ def vllm_child(ckpt: str, eval_text: str, out_json: str) -> None:
     """In a fresh process (CUDA must not be initialised before vLLM forks): greedy + perplexity through vLLM."""
     from vllm import LLM, SamplingParams
 
-    from vllm_nm16.eval_vllm import perplexity_vllm
+    from offline.eval_vllm import perplexity_vllm
 
     t0 = time.perf_counter()
     llm = LLM(model=ckpt, quantization="nm16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
     start_s = time.perf_counter() - t0
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
-    res = {"startup_s": start_s, "backend": os.environ.get("VLLM_NM16_BACKEND", "default"),
+    res = {"startup_s": start_s, "backend": envs.VLLM_NM16_BACKEND,
            "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
     ppl = perplexity_vllm(ckpt, eval_text, max_tokens=PPL_TOKENS, llm=llm)
     res["perplexity"] = ppl
@@ -95,7 +97,7 @@ def serve_check(ckpt: Path, log: Path, backend: str) -> dict:
         port = s.getsockname()[1]
     cmd = ["vllm", "serve", str(ckpt), "--quantization", "nm16", "--host", "127.0.0.1", "--port", str(port),
            "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
-           "--dtype", os.environ.get("SMOLLM_SERVE_DTYPE", "bfloat16")]
+           "--dtype", envs.SMOLLM_SERVE_DTYPE]
     t0 = time.perf_counter()
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
@@ -183,7 +185,7 @@ def main() -> int:
         shutil.copy(ckpt / "nm16_report.json", args.out / "smollm2_nm16_report.json")
 
     runs = {}
-    for backend in filter(None, os.environ.get("SMOLLM_BACKENDS", "triton").split(",")):
+    for backend in envs.SMOLLM_BACKENDS:
         res_file = args.out / f"vllm_{backend}.json"
         env = dict(os.environ, VLLM_NM16_BACKEND=backend)
         t = time.perf_counter()
@@ -217,7 +219,7 @@ def main() -> int:
         report["greedy_prefix_triton_vs_torch"] = [common_prefix(a, b) for a, b in
                                                    zip(runs["triton"]["tokens"], runs["torch"]["tokens"])]
     served = {}
-    for backend in filter(None, os.environ.get("SMOLLM_SERVE", "triton,torch").split(",")):
+    for backend in envs.SMOLLM_SERVE:
         t = time.perf_counter()
         try:
             served[backend] = report[f"serve_{backend}"] = serve_check(ckpt, args.out / f"serve_{backend}.log",

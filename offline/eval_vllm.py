@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from offline.evaluate import is_nm16_checkpoint, load_eval_ids, make_windows, summarize
 from vllm_nm16 import compat
 
 
@@ -24,8 +25,6 @@ def perplexity_vllm(model_dir, text_path, seqlen: int = 512, stride: int | None 
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from offline.evaluate import is_nm16_checkpoint, load_eval_ids, make_windows, summarize
 
     t0 = time.time()
     model_dir = Path(model_dir)
