@@ -18,14 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("vllm_nm16", "offline", "nm16_dev")
 RUNTIME = ("vllm_nm16", "offline")
 
-# Import cycles that exist today in the kernel side of the plugin, each written from its smallest module name on.
-# The kernel-backend rework removes them: take an entry out as soon as its cycle is gone (test_known_cycles_exist
-# fails on a stale entry), and leave this set empty afterwards. Any cycle not listed here fails test_no_import_cycle.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("vllm_nm16.config", "vllm_nm16.linear"),
-    ("vllm_nm16.kernels", "vllm_nm16.kernels.triton_nm16", "vllm_nm16.kernels.scratch", "vllm_nm16.ops"),
-    ("vllm_nm16.kernels.scratch", "vllm_nm16.kernels.triton_nm16"),  # scratch takes private helpers of triton_nm16
-}
+# Import cycles allowed: none (the kernel-backend rework removed the kernel side's three). An entry here must be a
+# cycle that exists (test_known_cycles_exist); any other cycle fails test_no_import_cycle.
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def module_files() -> dict[str, Path]:

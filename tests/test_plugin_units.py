@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_nm16 import format as fmt
-from vllm_nm16 import ops
+from vllm_nm16 import backends, ops
 
 
 def _layer(spec: fmt.NM16Spec, out_f: int, in_f: int, seed: int):
@@ -43,12 +43,15 @@ def test_cpu_op_matches_unpack(spec, dtype):
     t = _layer(spec, out_f, in_f, seed=1)
     assert torch.equal(ops.decode_keep(t[fmt.MASK], spec.m), fmt.decode_mask(t[fmt.MASK], spec.m))
     up = fmt.unpack(t, spec)
-    p = ops.prepare(t[fmt.VALUES], t[fmt.MASK], t.get(fmt.OUTLIER_VALUES), t.get(fmt.OUTLIER_INDEX),
-                    t.get(fmt.SCALE), t.get(fmt.SHIFT), spec=spec, in_features=in_f, act_dtype=dtype)
+    geom = backends.LayerGeometry.from_spec(spec, in_features=in_f, out_features=out_f, act_dtype=dtype)
+    backend = backends.choose_backend(geom, torch.device("cpu"))
+    assert backend.name == "torch"
+    p = backend.process_weights(geom, t[fmt.VALUES], t[fmt.MASK], t.get(fmt.OUTLIER_VALUES), t.get(fmt.OUTLIER_INDEX),
+                                t.get(fmt.SCALE), t.get(fmt.SHIFT))
     x = torch.randn(5, in_f).to(dtype)
     bias = torch.randn(out_f).to(dtype)
-    y = ops.nm16_linear(x, p["wv"], p["wm"], p["ov"], p["oi"], p["scale"], p["shift"], bias, spec.n, spec.m,
-                        spec.outlier_block or 0, spec.outliers_per_block, in_f, out_f)
+    y = ops.nm16_linear(x, p["wv"], p["wm"], p["ov"], p["oi"], p["scale"], p["shift"], bias, geom.n, geom.m,
+                        geom.outlier_block, geom.outliers_per_block, in_f, out_f, backend.name)
     assert y.dtype == dtype and y.shape == (5, out_f)
     ref = x.double() @ up.effective_weight(torch.float64).T + bias.double()
     if up.shift is not None:
@@ -60,9 +63,11 @@ def test_cpu_op_matches_unpack(spec, dtype):
 def test_op_registration_and_compile():
     spec = SPECS[1]
     t = _layer(spec, 32, 128, seed=2)
-    p = ops.prepare(t[fmt.VALUES], t[fmt.MASK], t[fmt.OUTLIER_VALUES], t[fmt.OUTLIER_INDEX], t[fmt.SCALE],
-                    t[fmt.SHIFT], spec=spec, in_features=128, act_dtype=torch.float32)
-    args = (torch.randn(3, 128), p["wv"], p["wm"], p["ov"], p["oi"], None, p["shift"], None, 8, 16, 64, 2, 128, 32)
+    p = ops.prepare_torch(t[fmt.VALUES], t[fmt.MASK], t[fmt.OUTLIER_VALUES], t[fmt.OUTLIER_INDEX], t[fmt.SCALE],
+                          t[fmt.SHIFT], n=8, m=16, outlier_block=64, outliers_per_block=2, in_features=128,
+                          act_dtype=torch.float32)
+    args = (torch.randn(3, 128), p["wv"], p["wm"], p["ov"], p["oi"], None, p["shift"], None, 8, 16, 64, 2, 128, 32,
+            "torch")
     torch.library.opcheck(torch.ops.nm16.linear.default, args)
 
     def f(x):
@@ -131,4 +136,4 @@ def test_compile_cache_tag_changes_vllm_config_hash():
         assert cfg.additional_config["nm16_backend"] == value
         hashes.append(cfg.compute_hash())
     assert hashes[0] != hashes[1]
-    assert ops.backend_name() == ("triton" if torch.cuda.is_available() else "torch")
+    assert backends.requested_backend() == ("gluon" if torch.cuda.is_available() else "torch")

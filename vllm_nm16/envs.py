@@ -44,26 +44,22 @@ class EnvVar:
 
 ENV_VARS: tuple[EnvVar, ...] = (
     # --- the vLLM plugin (serving) ---
-    EnvVar("VLLM_NM16_BACKEND", "triton", str.lower,
-           "`torch`: the plugin's PyTorch path on CUDA instead of the Triton kernels (the reference the GPU checks "
-           "compare against); anything else: Triton on CUDA. CPU tensors always take the PyTorch path.",
-           "`vllm_nm16/ops.py`, when weights are prepared and at every call; part of vLLM's compile-cache hash "
-           "(`compat.tag_compile_cache`)"),
-    EnvVar("VLLM_NM16_KERNEL", "auto", str.lower,
-           "`triton`: never dispatch to the Gluon 8:16 fragment kernel; anything else (`auto`): the Gluon kernel "
-           "serves the small-M calls it can run (M <= 32, bf16/fp16, sm_80+; M = 1 only for large layers), the "
-           "Triton kernels the rest",
-           "`vllm_nm16/kernels/__init__.py` (`small_m_kernel`), at every call (GPU)"),
+    EnvVar("VLLM_NM16_BACKEND", "auto", str.lower,
+           "the nm16 kernel backend (`vllm_nm16/backends.py`): `auto` = `gluon` on CUDA (the Gluon 8:16 fragment "
+           "kernel at M <= 32, the Triton kernels elsewhere), the PyTorch path on CPU; `triton` = the Triton "
+           "kernels only; `torch` = the PyTorch path on CUDA too (the reference the GPU checks compare against)",
+           "`vllm_nm16/backends.py`, when a layer's weights are processed (the backend name is then a constant of "
+           "the compiled graph); part of vLLM's compile-cache hash (`compat.tag_compile_cache`)"),
     EnvVar("NM16_SCRATCH_MIN_M", "17", int,
            "from which token count M a layer is decoded into a transient dense buffer + cuBLAS; 0 = never",
-           "`vllm_nm16/kernels/configs.py`, at import (GPU)"),
+           "`vllm_nm16/kernels/configs.py`, at every call that reaches the Triton kernels' table (GPU)"),
     EnvVar("NM16_SCRATCH_CHUNK_MB", "0", float,
            "decode that many MB of the layer at a time, bounding the scratch memory; 0 = whole layer (chunks "
            "measured slower)",
-           "`vllm_nm16/kernels/scratch.py`, at import (GPU)"),
+           "`vllm_nm16/kernels/scratch.py`, at every scratch-path call (GPU)"),
     EnvVar("NM16_POS_MODE", "lut16", str,
            "kernel position layout for 8:16: `lut16`, `nibble32` or `byte` (benchmarks compare them)",
-           "`vllm_nm16/kernels/layout.py`, at import; used when the weights are repacked at load (GPU)"),
+           "`vllm_nm16/kernels/layout.py`, when the weights are repacked at load (GPU)"),
     EnvVar("TRITON_INTERPRET", "0", lambda s: s == "1",
            "Triton's own switch: `1` runs the kernels in Triton's CPU interpreter (the kernel tests); the plugin "
            "then also computes `tl.dot` in fp32 (bf16 dots are wrong in the interpreter)",
@@ -96,7 +92,6 @@ environment_variables: dict[str, Callable[[], Any]] = {v.name: v.read for v in E
 
 if TYPE_CHECKING:  # attribute types for type checkers; at run time every read goes through __getattr__
     VLLM_NM16_BACKEND: str
-    VLLM_NM16_KERNEL: str
     NM16_SCRATCH_MIN_M: int
     NM16_SCRATCH_CHUNK_MB: float
     NM16_POS_MODE: str

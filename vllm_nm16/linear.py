@@ -21,18 +21,18 @@ vLLM checks nothing about quantized checkpoints (no completeness, shape or dtype
 cropped by ``narrow``, a missing one stays garbage). So every parameter's loader is wrapped: it checks the exact
 checkpoint shape and dtype of each incoming tensor (naming the checkpoint tensor) and records which shard arrived;
 ``process_weights_after_loading`` refuses missing tensors/shards, then runs the format's ``validate_layer`` on each
-checkpoint module's rows (popcount == N, outlier offsets, finite values), then hands the tensors to ``ops.prepare``.
+checkpoint module's rows (popcount == N, outlier offsets, finite values), then hands the tensors to the layer's kernel backend (backends.py).
 
 Dummy loading (``load_format="dummy"``: vLLM reads no files and fills float parameters with noise): detected when the
 layer is created (:func:`vllm_nm16.compat.dummy_weight_loading`); ``process_weights_after_loading`` then first fills
 the layer's parameters of this rank with a valid random nm16 layer (:mod:`vllm_nm16.dummy`, seeded by prefix and
-rank) and goes on exactly as for real weights (validation, ``ops.prepare``).
+rank) and goes on exactly as for real weights (validation, the backend's ``process_weights``).
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import Parameter
@@ -41,10 +41,12 @@ from vllm.model_executor.layers.linear import (LinearMethodBase, MergedColumnPar
 from vllm.logger import init_logger
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLMParameter
 
-from vllm_nm16 import compat, dummy
+from vllm_nm16 import backends, compat, dummy
 from vllm_nm16 import format as fmt
 from vllm_nm16 import ops
-from vllm_nm16.config import NM16Config
+
+if TYPE_CHECKING:  # config.py imports this module (get_quant_method): no import back at run time
+    from vllm_nm16.config import NM16Config
 
 QKV_SHARDS = ("q", "k", "v")
 logger = init_logger("vllm.nm16")  # a child of vLLM's configured "vllm" logger, so its lines show
@@ -60,7 +62,7 @@ def _packed_factor(num: int, den: int) -> int | Fraction:
 class NM16LinearMethod(LinearMethodBase):
     """Linear method for layers stored packed in an nm16 checkpoint."""
 
-    def __init__(self, quant_config: NM16Config, prefix: str) -> None:
+    def __init__(self, quant_config: "NM16Config", prefix: str) -> None:
         self.quant_config = quant_config
         self.spec = quant_config.spec
         self.prefix = prefix
@@ -69,8 +71,8 @@ class NM16LinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any):
         spec = self.spec
-        # The Triton and the PyTorch path give the layer different tensors: keep their compiled graphs apart.
-        compat.tag_compile_cache("nm16_backend", ops.backend_name())
+        # The backends give the layer different tensors: keep their compiled graphs apart.
+        compat.tag_compile_cache("nm16_backend", backends.requested_backend())
         names = self.quant_config.checkpoint_names(self.prefix)
         fmt.check_in_features(spec, input_size, f"{', '.join(names)}")
         if input_size_per_partition % spec.k_multiple():
@@ -207,9 +209,12 @@ class NM16LinearMethod(LinearMethodBase):
         shift = tensors.get(fmt.SHIFT)
         if shift is not None and isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) > 0:
             shift = None  # row-parallel partial sums are all-reduced: add the shift on rank 0 only (like vLLM's bias)
-        prepared = ops.prepare(tensors[fmt.VALUES], tensors[fmt.MASK], tensors.get(fmt.OUTLIER_VALUES),
-                               tensors.get(fmt.OUTLIER_INDEX), tensors.get(fmt.SCALE), shift, spec=spec,
-                               in_features=k, act_dtype=layer.params_dtype)
+        self.geometry = backends.LayerGeometry.from_spec(spec, in_features=k, out_features=layer.nm16_out_features,
+                                                         act_dtype=layer.params_dtype)
+        self.backend = backends.choose_backend(self.geometry, tensors[fmt.VALUES].device)
+        prepared = self.backend.process_weights(self.geometry, tensors[fmt.VALUES], tensors[fmt.MASK],
+                                                tensors.get(fmt.OUTLIER_VALUES), tensors.get(fmt.OUTLIER_INDEX),
+                                                tensors.get(fmt.SCALE), shift)
         for p in expected:
             delattr(layer, p)
         # Only real tensors go on the layer; which parts exist is recorded on this (per-layer) method object, a
@@ -222,10 +227,10 @@ class NM16LinearMethod(LinearMethodBase):
 
     # ----------------------------------------------------------------------------------------------------- apply
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        spec = self.spec
+        g = self.geometry
         x2d = x.reshape(-1, x.shape[-1])
         part = lambda name: getattr(layer, f"nm16_{name}") if self.parts[name] else None  # noqa: E731
         y = ops.nm16_linear(x2d, layer.nm16_wv, layer.nm16_wm, part("ov"), part("oi"), part("scale"),
-                            part("shift"), bias, spec.n, spec.m, spec.outlier_block or 0,
-                            spec.outliers_per_block, layer.nm16_in_features, layer.nm16_out_features)
-        return y.reshape(*x.shape[:-1], layer.nm16_out_features)
+                            part("shift"), bias, g.n, g.m, g.outlier_block, g.outliers_per_block, g.in_features,
+                            g.out_features, self.backend.name)
+        return y.reshape(*x.shape[:-1], g.out_features)

@@ -4,11 +4,11 @@ vLLM compiles the model with ``torch.compile(fullgraph=True)`` (CPU Inductor on 
 GPU). The op is opaque to the compiler and has a fake implementation (output shape only), so Dynamo traces it with a
 symbolic token count and every M-dependent choice stays inside the op.
 
-Two device paths behind the one op, each with its own weight layout made once by :func:`prepare`:
+The op takes the layer's backend name (backends.py) as an argument -- a constant of the traced graph:
 
-* CUDA: ``vllm_nm16.kernels`` (Triton). ``prepare`` calls ``kernels.repack``; the op calls ``kernels.nm16_linear``,
-  which computes ``scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` with fp32 accumulation.
-* CPU (and any other device, or CUDA with ``VLLM_NM16_BACKEND=torch``): PyTorch, weights stay packed in memory. ``prepare`` turns the 1-bit mask into the
+* ``gluon`` / ``triton`` (CUDA): ``vllm_nm16.kernels.nm16_linear``, ``scale * (x @ W_nm.T) + x @ W_out.T + shift +
+  bias`` with fp32 accumulation; the kernel is chosen per call from M (``kernels.choose_config``).
+* ``torch`` (any device): PyTorch, weights stay packed in memory. :func:`prepare_torch` turns the 1-bit mask into the
   column offset of each kept value inside its group (uint8 ``[out, G, N]``: 4 bits per weight for 8:16, decoding a
   bitmask per call cost 8x more time) and folds the per-row scale into the values (``round(scale * v)`` in the value
   dtype, the same rounding as ``format.UnpackedLayer.effective_weight(dtype)``). Per call the dense weight is rebuilt
@@ -19,31 +19,14 @@ Two device paths behind the one op, each with its own weight layout made once by
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from vllm_nm16 import format as fmt
 from vllm_nm16.kernels.common import output_bias
 
 OP_NAME = "nm16::linear"
-
-
-def _torch_path_requested() -> bool:
-    return os.environ.get("VLLM_NM16_BACKEND", "triton").lower() == "torch"
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """CUDA tensors run the Triton kernels unless ``VLLM_NM16_BACKEND=torch`` asks for the PyTorch path (the
-    reference the GPU checks compare the kernels against; read when weights are prepared and at every call)."""
-    return t.is_cuda and not _torch_path_requested()
-
-
-def backend_name() -> str:
-    """The path this process's layers take: "triton" (CUDA) or "torch" (the compile-cache tag, see compat)."""
-    return "triton" if torch.cuda.is_available() and not _torch_path_requested() else "torch"
 
 
 # --------------------------------------------------------------------------------------------------- CPU weight path
@@ -95,57 +78,47 @@ def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, b
 def nm16_linear(x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: Optional[torch.Tensor],
                 oi: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], n: int, m: int, outlier_block: int, outliers_per_block: int,
-                in_features: int, out_features: int) -> torch.Tensor:
-    """y[M, out] for x[M, in]; the weight tensors are whatever :func:`prepare` made for x's device."""
-    if use_triton(x):
+                in_features: int, out_features: int, backend: str) -> torch.Tensor:
+    """y[M, out] for x[M, in]; the weight tensors are what ``backend`` (backends.py) made of the layer."""
+    if backend != "torch":
         from vllm_nm16 import kernels  # noqa: PLC0415 (lazy: Triton only where there is a GPU)
 
         return kernels.nm16_linear(x, wv, wm, ov, oi, scale, shift, bias, n=n, m=m,
                                    outlier_block=outlier_block or None, outliers_per_block=outliers_per_block,
-                                   in_features=in_features, out_features=out_features)
-    if scale is not None:  # prepare() folds it on CPU; keep the op total anyway
-        raise ValueError("nm16: the CPU path expects the scale folded into the values (use ops.prepare)")
+                                   in_features=in_features, out_features=out_features,
+                                   allow_gluon=backend == "gluon")
+    if scale is not None:  # prepare_torch() folds it; keep the op total anyway
+        raise ValueError("nm16: the PyTorch path expects the scale folded into the values (ops.prepare_torch)")
     return _cpu_linear(x, wv, wm, ov, oi, shift, bias, m, in_features, out_features)
 
 
 @nm16_linear.register_fake
 def _nm16_linear_fake(x, wv, wm, ov, oi, scale, shift, bias, n, m, outlier_block, outliers_per_block, in_features,
-                      out_features):
+                      out_features, backend):
     return x.new_empty((x.shape[0], out_features))
 
 
-# ------------------------------------------------------------------------------------------------- weight layout
-def prepare(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tensor | None,
-            outlier_index: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, *,
-            spec: fmt.NM16Spec, in_features: int, act_dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
-    """The op's weight tensors for the device the layer lives on (called once, after validation).
-
-    Returns ``wv, wm, ov, oi, scale, shift`` (keys of those names; absent parts are None).
-    """
-    b = spec.outlier_block
-    if use_triton(values):
-        from vllm_nm16 import kernels  # noqa: PLC0415
-
-        wv, wm, ov, oi = kernels.repack(values, mask, outlier_values, outlier_index, n=spec.n, m=spec.m,
-                                        outlier_block=b, outliers_per_block=spec.outliers_per_block)
-        return {"wv": wv, "wm": wm, "ov": ov, "oi": oi,
-                "scale": None if scale is None else scale.float().contiguous(),
-                "shift": None if shift is None else shift.float().contiguous()}
-    # CPU: fold the scale into the values (in the activation dtype); outliers as flat indices into [out * in].
+# ------------------------------------------------------------------------------------ the PyTorch path's layout
+def prepare_torch(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tensor | None,
+                  outlier_index: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, *,
+                  n: int, m: int, outlier_block: int, outliers_per_block: int, in_features: int,
+                  act_dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """The PyTorch path's tensors (keys ``wv wm ov oi scale shift``): the scale folded into the values (in the
+    activation dtype, the rounding of ``format.UnpackedLayer.effective_weight``), the mask as kept offsets, the
+    outliers as flat indices into [out * in]."""
     wv = values.to(torch.float32)
     if scale is not None:
         wv = wv * scale.to(torch.float32).unsqueeze(1)
     wv = wv.to(act_dtype).contiguous()
     ov = oi = None
-    if outlier_values is not None:
+    if outlier_values is not None and outliers_per_block:
         out_f = values.shape[0]
-        k = spec.outliers_per_block
-        blocks = in_features // b
+        blocks = in_features // outlier_block
         dev = values.device
-        col = outlier_index.to(torch.int64).reshape(out_f, blocks, k) + \
-            torch.arange(blocks, dtype=torch.int64, device=dev).mul_(b).view(1, blocks, 1)
+        col = outlier_index.to(torch.int64).reshape(out_f, blocks, outliers_per_block) + \
+            torch.arange(blocks, dtype=torch.int64, device=dev).mul_(outlier_block).view(1, blocks, 1)
         oi = (col + torch.arange(out_f, dtype=torch.int64, device=dev).mul_(in_features).view(out_f, 1, 1)
               ).reshape(-1)
         ov = outlier_values.to(act_dtype).reshape(-1).contiguous()
-    return {"wv": wv, "wm": keep_offsets(mask, spec.n, spec.m), "ov": ov, "oi": oi, "scale": None,
+    return {"wv": wv, "wm": keep_offsets(mask, n, m), "ov": ov, "oi": oi, "scale": None,
             "shift": None if shift is None else shift.to(act_dtype).contiguous()}

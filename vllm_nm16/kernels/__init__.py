@@ -24,12 +24,14 @@ def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch
                 oi: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
                 bias: torch.Tensor | None, *, n: int, m: int, outlier_block: int | None, outliers_per_block: int,
                 in_features: int, out_features: int, config: dict | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, allow_gluon: bool = True) -> torch.Tensor:
     """[M, in_features] x -> [M, out_features] in x's dtype. ``wv, wm, ov, oi`` come from :func:`repack`;
     scale/shift fp32 [out] or None, bias [out] in x's dtype or None. ``config`` overrides the tuned launch config
-    and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests poison it)."""
-    cfg = config if config and "kernel" in config else choose_config(x2d, wv, wm, n=n, m=m, out_features=out_features,
-                                                                     outlier_block=outlier_block)
+    and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests poison it);
+    ``allow_gluon=False`` keeps the call on the Triton kernels (the ``triton`` backend)."""
+    cfg = config if config and "kernel" in config else \
+        choose_config(x2d, wv, wm, n=n, m=m, out_features=out_features, outlier_block=outlier_block,
+                      allow_gluon=allow_gluon)
     if cfg["kernel"] == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import fragment_linear  # noqa: PLC0415  (lazy: Triton import)
 
@@ -57,31 +59,36 @@ GLUON_MAX_M = 32
 GLUON_M1_MIN_WEIGHTS = 24 * 2**20
 
 
-def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_block: int | None) -> dict:
+def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_block: int | None,
+                  allow_gluon: bool = True) -> dict:
     """The kernel (and launch config) of one call, from M = ``x2d.shape[0]`` (a Python int: fixed at trace/capture
     time): the Gluon fragment kernel where it can run and wins (:func:`gluon_choice`), else the Triton kernels'
     table (configs.pick_config: gemv / dot / scratch)."""
     from vllm_nm16.kernels.configs import pick_config  # noqa: PLC0415
 
     M, K = x2d.shape
-    if gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
+    if allow_gluon and gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
         return {"kernel": "gluon"}
     return pick_config(out_features, K, M, n=n, m=m, outlier_block=outlier_block)
 
 
 def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
-    """Whether the Gluon fragment kernel runs this call: it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M), the
-    backend allows it (``VLLM_NM16_BACKEND`` "auto"/"gluon"), and at M = 1 the layer is large enough to beat the
-    Triton gemv."""
-    from vllm_nm16 import envs  # noqa: PLC0415
-
-    if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M or envs.VLLM_NM16_BACKEND not in ("auto", "gluon"):
+    """Whether the Gluon fragment kernel runs this call: it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M) and, at
+    M = 1, the layer is large enough to beat the Triton gemv."""
+    if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M:
         return False
     from vllm_nm16.kernels.gluon_nm16 import can_implement  # noqa: PLC0415
 
     M, K = x2d.shape
     ok, _ = can_implement(M, out_features, K, n, m, x2d, wv, wm)
-    return ok and (M > 1 or out_features * K >= GLUON_M1_MIN_WEIGHTS or envs.VLLM_NM16_BACKEND == "gluon")
+    return ok and (M > 1 or out_features * K >= GLUON_M1_MIN_WEIGHTS)
+
+
+def prepare_device(device: torch.device) -> None:
+    """Make the Gluon kernel's constant tables on ``device`` (once per device, before any CUDA-graph capture)."""
+    from vllm_nm16.kernels.gluon_nm16 import prepare_device as _prepare  # noqa: PLC0415
+
+    _prepare(device)
 
 
 def reference_linear(x2d: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

@@ -8,9 +8,10 @@ of M columns per K step), ``num_warps``, ``num_stages`` and, for the dot kernel,
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
+
+from vllm_nm16 import envs
 
 TABLE_PATH = Path(__file__).with_name("configs_h100.json")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -20,7 +21,6 @@ GEMV_MAX_M = 2
 # On the H100 with the default outliers: M <= 16, the split-K dot kernel 0.41-0.65x cuBLAS vs scratch 0.31-0.39x;
 # from the M = 32 bucket on, the dot kernel 0.02-0.17x vs scratch 0.31-0.9x (benchmarks/lab/scratch_lab2_h100.json,
 # kernels_h100.json). NM16_SCRATCH_MIN_M overrides it (0 disables the path).
-SCRATCH_MIN_M = int(os.environ.get("NM16_SCRATCH_MIN_M", "17"))
 
 
 def m_bucket(M: int) -> int:
@@ -72,7 +72,8 @@ def heuristic_config(N: int, K: int, M: int) -> dict:
 def pick_config(N: int, K: int, M: int, *, n: int = 8, m: int = 16, outlier_block: int | None = None) -> dict:
     """The tuned config for (N, K, bucket of M) if the table has one, else the heuristic; adjusted so that it is
     legal for this N:M pattern (tl.dot needs K steps of >= 16 columns inside one outlier block)."""
-    if SCRATCH_MIN_M and M >= SCRATCH_MIN_M:
+    scratch_min_m = envs.NM16_SCRATCH_MIN_M
+    if scratch_min_m and M >= scratch_min_m:
         return {"kernel": "scratch"}
     bucket = m_bucket(M)
     cfg = dict(_table().get(table_key(N, K, bucket)) or heuristic_config(N, K, M))

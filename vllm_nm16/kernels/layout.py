@@ -18,9 +18,9 @@ consecutive groups of one row already reads 512 contiguous bytes, so no interlea
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from vllm_nm16 import envs
 
 POS_LUT16 = "lut16"
 POS_NIBBLE32 = "nibble32"
@@ -28,7 +28,6 @@ POS_BYTE = "byte"
 POS_MODES = (POS_LUT16, POS_NIBBLE32, POS_BYTE)
 
 # The 8:16 position mode the plugin gets; NM16_POS_MODE overrides it (benchmarks compare the modes).
-DEFAULT_POS_MODE_816 = os.environ.get("NM16_POS_MODE", POS_LUT16)
 
 _LUT_CACHE: dict[torch.device, torch.Tensor] = {}
 
@@ -79,7 +78,7 @@ def repack(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tenso
     uint8 = POS_BYTE. Outliers stay as on disk (values in the model dtype, in-block offsets as uint8/int16).
     """
     if pos_mode is None:
-        pos_mode = DEFAULT_POS_MODE_816 if (n, m) == (8, 16) else POS_BYTE
+        pos_mode = envs.NM16_POS_MODE if (n, m) == (8, 16) else POS_BYTE
     if pos_mode not in POS_MODES:
         raise ValueError(f"nm16 repack: unknown position mode {pos_mode!r} (one of {POS_MODES})")
     if pos_mode != POS_BYTE and (n, m) != (8, 16):

@@ -19,20 +19,18 @@ dense copy of the largest layer (235 MB for Llama-3-8B's gate_up at bf16).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from vllm_nm16.kernels.layout import lut_for
+from vllm_nm16 import envs
 from vllm_nm16.kernels.common import output_bias
 from vllm_nm16.kernels.triton_decode import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
 
 # Dense bytes decoded per chunk (see scratch_linear); 0 = the whole layer at once. Chunks bound the scratch memory
 # but cost time: on the H100, 4-32 MB chunks were never faster than one pass (0-190% slower, 8B shapes, M 16-4096)
 # (benchmarks/lab/scratch_lab2_h100.json): small unpack grids, no measurable L2 reuse. NM16_SCRATCH_CHUNK_MB sets it.
-SCRATCH_CHUNK_BYTES = int(float(os.environ.get("NM16_SCRATCH_CHUNK_MB", "0")) * 2**20)
 
 
 @triton.jit
@@ -122,11 +120,11 @@ def scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_blo
                    out_features, out=None, chunk_bytes: int | None = None):
     """``y = x @ W_eff.T + shift + bias`` by decoding W_eff into a scratch and calling cuBLAS; with ``chunk_bytes``
     > 0, that many bytes of dense weight (whole rows) at a time into one reused buffer (bounds the scratch memory;
-    the hope that an L2-sized chunk would skip the HBM round trip did not pan out, see SCRATCH_CHUNK_BYTES)."""
+    the hope that an L2-sized chunk would skip the HBM round trip did not pan out, see NM16_SCRATCH_CHUNK_MB)."""
     M = x2d.shape[0]
     N, K = out_features, in_features
     if chunk_bytes is None:
-        chunk_bytes = SCRATCH_CHUNK_BYTES
+        chunk_bytes = int(envs.NM16_SCRATCH_CHUNK_MB * 2**20)
     rows = N if not chunk_bytes else min(N, max(16, chunk_bytes // (K * x2d.element_size()) // 16 * 16))
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
     buf = torch.empty((rows, K), dtype=x2d.dtype, device=x2d.device)

@@ -18,19 +18,19 @@ into the decoded tile), the per-row scale (N:M part only), shift and bias into t
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from vllm_nm16 import envs
 from vllm_nm16.kernels.configs import pick_config
 from vllm_nm16.kernels.layout import lut_for
 from vllm_nm16.kernels.triton_decode import _POS_MODE_OF_DTYPE, _decode_tile_816, _group_words, _positions
 
 def _interpreted() -> bool:
     # Under TRITON_INTERPRET=1 (CPU tests) tl.dot on bf16 operands returns garbage (Triton 3.9): upcast there.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envs.TRITON_INTERPRET
 
 
 @triton.jit
