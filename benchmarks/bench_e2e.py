@@ -21,6 +21,11 @@ A device call is limited to 10 minutes, so the two models can also run in separa
     python benchmarks/bench_e2e.py --only dense --dense DENSE_DIR --log-dir RAW      # call 1 -> RAW/e2e_dense.json
     python benchmarks/bench_e2e.py --only nm16 --nm16 NM16_DIR --log-dir RAW         # call 2 -> RAW/e2e_nm16.json
     python benchmarks/bench_e2e.py --merge RAW/e2e_dense.json RAW/e2e_nm16.json --json OUT.json --plot OUT.png
+
+Any shape without weight files: ``--load-format dummy`` (vLLM fills the dense model with noise; the nm16 plugin fills
+each packed layer with a valid random nm16 layer) on config-only folders (``make_random_llama.py --config-only``,
+``pack_random_nm16.py --config-only``), with ``--skip-tokenizer-init`` (the prompts are random token ids; nothing is
+detokenized). Both are engine settings, recorded with the others, so a merge refuses runs that differ in them.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ def run_one(args: argparse.Namespace) -> dict:
               enable_prefix_caching=False, max_num_seqs=max(max(args.batches), 256), seed=0)
     if args.quantization:
         kw["quantization"] = args.quantization
+    if args.load_format != "auto":
+        kw["load_format"] = args.load_format
+    if args.skip_tokenizer_init:
+        kw["skip_tokenizer_init"] = True
     if args.profile_tokens:
         # vLLM's own torch-profiler hook in the worker (the engine core runs in another process): skip the prefill
         # and first decode iterations, record PROFILE_STEPS decode iterations. Inert until start_profile().
@@ -63,7 +72,11 @@ def run_one(args: argparse.Namespace) -> dict:
 
     out: dict = {"model": args.model, "quantization": args.quantization, "startup_s": startup_s, "latency": {},
                  "throughput": {}}
-    sp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
+    def sampling(max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=max_tokens,
+                              detokenize=not args.skip_tokenizer_init)
+
+    sp = sampling(args.output_len)
     for b in args.batches:
         batch = prompts(b, args.input_len)
         for _ in range(args.warmup):
@@ -78,7 +91,7 @@ def run_one(args: argparse.Namespace) -> dict:
         print(f"[{args.quantization or 'dense'}] latency batch {b}: median {statistics.median(times):.4f} s", flush=True)
     if args.profile_tokens:
         out["profile"] = {}
-        psp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.profile_tokens)
+        psp = sampling(args.profile_tokens)
         for b in args.batches:
             batch = prompts(b, args.input_len)
             before = set(args.profile_dir.rglob("*.pt.trace.json*"))
@@ -98,7 +111,7 @@ def run_one(args: argparse.Namespace) -> dict:
                   flush=True)
     if args.tp_prompts:
         batch = prompts(args.tp_prompts, args.tp_input)
-        tsp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.tp_output)
+        tsp = sampling(args.tp_output)
         llm.generate(batch[: min(32, len(batch))], tsp, use_tqdm=False)  # warm-up
         t = time.perf_counter()
         res = llm.generate(batch, tsp, use_tqdm=False)
@@ -179,9 +192,11 @@ def bench_model(model: str, quantization: str | None, args: argparse.Namespace, 
            str(args.tp_prompts), "--tp-input", str(args.tp_input), "--tp-output", str(args.tp_output),
            "--max-model-len", str(args.max_model_len), "--gpu-mem", str(args.gpu_mem),
            "--profile-tokens", str(args.profile_tokens), "--profile-steps", str(args.profile_steps),
-           "--profile-dir", str(args.profile_dir)]
+           "--profile-dir", str(args.profile_dir), "--load-format", args.load_format]
     if quantization:
         cmd += ["--quantization", quantization]
+    if args.skip_tokenizer_init:
+        cmd += ["--skip-tokenizer-init"]
     with open(log_file, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     text = log_file.read_text(errors="replace")
@@ -198,11 +213,17 @@ def bench_model(model: str, quantization: str | None, args: argparse.Namespace, 
 
 
 SETTINGS = ("batches", "input_len", "output_len", "iters", "warmup", "tp_prompts", "tp_input", "tp_output",
-            "max_model_len", "gpu_mem")
+            "max_model_len", "gpu_mem", "load_format", "skip_tokenizer_init")
+LEGACY_SETTINGS = {"load_format": "auto", "skip_tokenizer_init": False}  # values of runs recorded before these existed
 
 
 def settings_of(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SETTINGS}
+
+
+def recorded_settings(run: dict) -> dict:
+    """A result file's settings, with the defaults of settings added later filled in."""
+    return {**LEGACY_SETTINGS, **run["settings"]}
 
 
 def environment() -> dict:
@@ -285,6 +306,11 @@ def main() -> int:
                          "(0: no profile)")
     ap.add_argument("--profile-steps", type=int, default=16, help="decode iterations recorded per profile")
     ap.add_argument("--profile-dir", type=Path, default=Path("/tmp/nm16_profile"))
+    ap.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                    help="vLLM load format: dummy = random weights, no weight files read (config-only folders work; "
+                         "nm16 layers get valid random nm16 data)")
+    ap.add_argument("--skip-tokenizer-init", action="store_true",
+                    help="start vLLM without a tokenizer (prompts are token ids; outputs are not detokenized)")
     ap.add_argument("--only", choices=("dense", "nm16"), help="benchmark one model; write LOG_DIR/e2e_<name>.json")
     ap.add_argument("--merge", nargs=2, type=Path, metavar=("DENSE_JSON", "NM16_JSON"),
                     help="merge two --only results into --json/--plot")
@@ -308,9 +334,10 @@ def main() -> int:
         return 0
     if args.merge:
         dense, nm16 = (json.loads(p.read_text()) for p in args.merge)
-        if dense["settings"] != nm16["settings"]:
-            raise SystemExit(f"error: the two runs used different settings: {dense['settings']} vs {nm16['settings']}")
-        for k, v in dense["settings"].items():
+        if recorded_settings(dense) != recorded_settings(nm16):
+            raise SystemExit(f"error: the two runs used different settings: {recorded_settings(dense)} vs "
+                             f"{recorded_settings(nm16)}")
+        for k, v in recorded_settings(dense).items():
             setattr(args, k, v)
         env = {"dense": dense.get("env"), "nm16": nm16.get("env"), "merge_argv": sys.argv}
         gpu, vllm_v = (dense.get("env") or {}).get("gpu"), (dense.get("env") or {}).get("vllm")
@@ -332,7 +359,8 @@ def main() -> int:
                 for name, run in (("dense", dense), ("nm16", nm16))} for b in args.batches}
     args.json.write_text(json.dumps(result, indent=2, default=str))
     if args.plot:
-        plot(rows, args.plot, f"vLLM {vllm_v} on {gpu}: nm16 vs dense")
+        weights = ", dummy (random) weights" if args.load_format == "dummy" else ""
+        plot(rows, args.plot, f"vLLM {vllm_v} on {gpu}: nm16 vs dense{weights}")
     for r in rows:
         print(json.dumps({k: r[k] for k in ("bench", "batch", "dense", "nm16", "unit", "speedup")}))
     return 0

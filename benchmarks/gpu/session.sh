@@ -13,6 +13,10 @@
 #   serve8b   : `vllm serve /tmp/llama8b-nm16 --quantization nm16` (defaults) answers completions + chat (openai client)
 #   e2e MODEL : benchmarks/bench_e2e.py --only MODEL (dense|nm16) on the 8B checkpoints, with a torch-profiler
 #               record of 16 decode steps per batch size -> $OUT/e2e_MODEL.json
+#   e2e_dummy : dense and nm16 Llama-3-8B shapes with vLLM's --load-format dummy --skip-tokenizer-init on config-only
+#               folders made in /tmp (no make8b, no weight files: random bf16 dense weights vs valid random nm16 layers,
+#               8:16 + outliers 4/256 + scale), batches 1/16/64 + throughput, --iters 3 --warmup 1, no profiler; both
+#               models in this one call -> $OUT/e2e_dense.json, $OUT/e2e_nm16.json, merged $OUT/e2e_h200.json
 #
 # Results go to $OUT (the device tool brings them back).
 set -euo pipefail
@@ -66,6 +70,19 @@ e2e)
   python3 benchmarks/bench_e2e.py --only "$1" --dense /tmp/llama8b --nm16 /tmp/llama8b-nm16 --log-dir "$OUT" \
     --profile-tokens 32 --profile-steps 16 --profile-dir /tmp/nm16_profile
   tail -5 "$OUT/e2e_$1.log" ;;
+e2e_dummy)
+  use_site
+  t0=$(date +%s)
+  [ -f /tmp/llama8b-cfg/config.json ] || python3 benchmarks/make_random_llama.py /tmp/llama8b-cfg --preset llama3-8b \
+    --config-only
+  [ -f /tmp/llama8b-nm16-cfg/config.json ] || python3 benchmarks/pack_random_nm16.py /tmp/llama8b-cfg \
+    /tmp/llama8b-nm16-cfg --config-only --outliers "${NM16_OUTLIERS:-4/256}"
+  dummy=(--load-format dummy --skip-tokenizer-init --iters 3 --warmup 1 --log-dir "$OUT")
+  python3 benchmarks/bench_e2e.py --only dense --dense /tmp/llama8b-cfg "${dummy[@]}"
+  python3 benchmarks/bench_e2e.py --only nm16 --nm16 /tmp/llama8b-nm16-cfg "${dummy[@]}"
+  # no --plot here (matplotlib may be absent on the host): re-run this merge with --plot on the CPU machine
+  python3 benchmarks/bench_e2e.py --merge "$OUT/e2e_dense.json" "$OUT/e2e_nm16.json" --json "$OUT/e2e_h200.json"
+  echo "e2e_dummy took $(( $(date +%s) - t0 )) s" ;;
 serve8b)
   use_site
   python3 benchmarks/gpu/smollm_check.py --serve-only /tmp/llama8b-nm16 --out "$OUT/serve8b" ;;
