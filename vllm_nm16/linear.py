@@ -32,7 +32,7 @@ rank) and goes on exactly as for real weights (validation, the backend's ``proce
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.nn import Parameter
@@ -44,10 +44,6 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLM
 from vllm_nm16 import backends, compat, dummy
 from vllm_nm16 import format as fmt
 from vllm_nm16 import ops
-
-if TYPE_CHECKING:  # config.py imports this module (get_quant_method): no import back at run time
-    from vllm_nm16.config import NM16Config
-
 QKV_SHARDS = ("q", "k", "v")
 logger = init_logger("vllm.nm16")  # a child of vLLM's configured "vllm" logger, so its lines show
 _dummy_logged = False
@@ -62,7 +58,9 @@ def _packed_factor(num: int, den: int) -> int | Fraction:
 class NM16LinearMethod(LinearMethodBase):
     """Linear method for layers stored packed in an nm16 checkpoint."""
 
-    def __init__(self, quant_config: "NM16Config", prefix: str) -> None:
+    def __init__(self, quant_config: Any, prefix: str) -> None:
+        # quant_config: the vllm_nm16.config.NM16Config that routes this layer here (config.py imports this module,
+        # so no import back)
         self.quant_config = quant_config
         self.spec = quant_config.spec
         self.prefix = prefix
