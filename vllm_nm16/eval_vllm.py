@@ -35,7 +35,7 @@ def perplexity_vllm(model_dir, text_path, seqlen: int = 512, stride: int | None 
     ids = load_eval_ids(tok, text_path, max_tokens)
     windows = make_windows(ids, seqlen, stride)
     kw = {"model": str(model_dir), "enforce_eager": True, "max_model_len": seqlen + 1,
-          "enable_prefix_caching": False, "seed": 0}
+          "enable_prefix_caching": False, "seed": 0, "load_format": "safetensors"}
     if "gpu_memory_utilization" not in engine_kw:
         kw["kv_cache_memory_bytes"] = 2 * compat.KV_CACHE_BYTES
     if is_nm16_checkpoint(model_dir):
