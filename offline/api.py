@@ -44,6 +44,7 @@ def check_model_dir(model_dir: Path) -> dict:
             raise CompressError(f"{model_dir} holds pickle weights (.bin/.pt) only: they are refused for safety; "
                                 f"convert the model to safetensors first")
         raise CompressError(f"{model_dir} holds no .safetensors weights")
+    check_safetensors_files(model_dir)
     return config
 
 
@@ -63,6 +64,76 @@ def check_device(device: str) -> None:
         raise CompressError(f"device {device!r}: no CUDA device is available on this machine")
     if d.index is not None and d.index >= torch.cuda.device_count():
         raise CompressError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+# Bytes per element of the safetensors dtypes a model folder may hold.
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors_file(path: Path) -> int:
+    """Check a safetensors file's header against its size before anything reads it: every tensor's byte range must
+    lie inside the file and match its dtype and shape. A truncated file (an interrupted download or copy) is refused
+    naming the first tensor that is cut off. Returns the number of tensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CompressError(f"{path} is truncated: {size} bytes, not even a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100 * 2**20:
+            raise CompressError(f"{path} is truncated or not a safetensors file: its header claims {n} bytes, "
+                                f"the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CompressError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CompressError(f"{path}: unreadable safetensors header (not a JSON object)")
+    data = size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CompressError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
+        entries.append((int(begin), int(end), name, dtype, shape, numel))
+    for begin, end, name, dtype, shape, numel in sorted(entries):
+        if end > data:
+            raise CompressError(f"{path} is truncated: tensor {name} ({dtype} {list(shape)}) needs bytes "
+                                f"{begin}..{end} of the data, the file holds {max(data, 0)} (re-copy or re-download "
+                                f"the model)")
+        item = _ST_ITEMSIZE.get(dtype)
+        if item is not None and (end - begin != numel * item or begin > end):
+            raise CompressError(f"{path}: tensor {name} ({dtype} {list(shape)}) should take {numel * item} bytes, "
+                                f"its header says {end - begin}")
+    return len(entries)
+
+
+def check_safetensors_files(model_dir: Path) -> None:
+    """``check_safetensors_file`` on every shard; with an index, every tensor it lists must be in its shard."""
+    names: dict[str, set] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors_file(f)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CompressError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+        for tensor, fname in weight_map.items():
+            shard = model_dir / fname
+            if not shard.is_file():
+                raise CompressError(f"{index}: tensor {tensor} is in {fname}, which is missing")
+            if fname not in names:
+                with open(shard, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    names[fname] = set(json.loads(fh.read(n)))
+            if tensor not in names[fname]:
+                raise CompressError(f"{index}: tensor {tensor} is not in {fname}")
 
 
 def check_finite(model) -> None:
@@ -101,6 +172,7 @@ def compress(model_dir, out_dir, *, device: str = "cpu", overwrite: bool = False
     from offline.assets import default_calib_path
     from offline.calibration import CalibrationError, calibration_samples
     from offline.compressor import compress_model
+    from offline.faults import point
     from vllm_nm16 import format as fmt
 
     if threads:
@@ -128,12 +200,14 @@ def compress(model_dir, out_dir, *, device: str = "cpu", overwrite: bool = False
             samples = calibration_samples(tok, calib_path, recipe.nsamples, recipe.seqlen, recipe.seed)
         except CalibrationError as e:
             raise CompressError(str(e)) from None
+        point("calibration")
         src_names = source_tensor_names(model_dir)
         src_dtype = next(iter(src_names.values())) if src_names else "BF16"
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(src_dtype, torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
         model.eval()
         check_finite(model)
+        point("model-loaded")
         try:
             spec, results, ignore, info = compress_model(model, samples, recipe, device=device, progress=progress,
                                                          strict_divisible=strict_divisible)
@@ -163,12 +237,16 @@ def compress(model_dir, out_dir, *, device: str = "cpu", overwrite: bool = False
             out_config["quantization_config"] = spec.to_config()
         writer.save_shards(tensors, tmp)
         writer.write_json(tmp / "config.json", out_config)
+        point("config")
         writer.copy_aux_files(model_dir, tmp)
+        point("aux-files")
         report = build_report(results, tensors, src_names, state, ignore, recipe_record, info, spec is not None)
         writer.write_json(tmp / "nm16_report.json", report)
+        point("report")
         if spec is not None:
             from offline.nm16_loading import validate_checkpoint
             validate_checkpoint(tmp)
+            point("validated")
         if progress:
             print_summary(report)
     return out_dir

@@ -7,6 +7,7 @@ SIGINT/SIGTERM stop the run (exit 130/143) and leave neither the output nor a te
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -109,6 +110,7 @@ def compress_main(argv: list[str] | None = None) -> int:
     _install_signal_handlers()
     from offline.api import CompressError, compress
 
+    existed = args.out_dir.exists()
     try:
         from offline.recipe import recipe_options
 
@@ -119,7 +121,13 @@ def compress_main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written", 130)
-    except (OSError, ValueError, RuntimeError) as e:
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "left unchanged" if existed else "not created"
+            return _fail(f"disk full while writing {args.out_dir} ({e.strerror}): nothing was written; the output "
+                         f"folder was {kept} and the partial output removed; free space and run again", 1)
+        return _fail(f"{type(e).__name__}: {e}".replace("\n", " "), 1)
+    except (ValueError, RuntimeError) as e:
         return _fail(f"{type(e).__name__}: {e}".replace("\n", " "), 1)
     print(f"wrote {out}")
     return 0

@@ -282,6 +282,8 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
     (spec or None, {module name: LayerResult}, ignore list, info)."""
     from tqdm.auto import tqdm
 
+    from offline.faults import point
+
     recipe.check()
     pattern = Pattern.parse(recipe.pattern)
     config = model.config.to_dict()
@@ -345,6 +347,7 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
             reps = {g.names[0]: block.get_submodule(g.names[0]) for g in stage}
             stop = stage[-1].names[0] if recipe.true_sequential else None
             st = collect_stats(block, xs, kwargs, reps, hessian=True, stop_after=stop)
+            point(f"stats.{prefix}.{stage[0].names[0]}")
             for g in stage:
                 hinv = None
                 if recipe.method == "sparsegpt":
@@ -358,8 +361,10 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
                                           outlier_kb, value_dtype, hinv)
                     _set_linear(mod, res.w_eff, res.shift)
                     results[full] = res
+                    point(f"linear.{full}")
         xs = _run_block(block, xs, kwargs)
         layers[i] = block.to(device="cpu", dtype=model_dtype)
+        point(f"block.{prefix}")
         errs = [results[f"{prefix}.{n}"].report["rel_error_after_correction"]
                 for g in groups for n in g.names if f"{prefix}.{n}" in results]
         if errs:

@@ -102,7 +102,7 @@ def load_hf_model(model_dir, device: str = "cpu", dtype=None):
     dtype = dtype or torch.float32
     model_dir = Path(model_dir)
     if not is_nm16_checkpoint(model_dir):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
         return model.to(device).eval()
     from offline.nm16_loading import load_nm16_state_dict
 

