@@ -3,7 +3,7 @@
 The compressor calls ``point("<name>")`` at the steps a crash could hit: after the calibration samples are made, after
 the model is loaded, after each block's statistics, after each linear layer, after each block, before and after each
 shard is written, after config/aux/report files, after validation, just before the final rename. With the environment
-variable ``NM16_FAULT`` unset (always, outside tests) a point does nothing but read ``os.environ``.
+variable ``NM16_FAULT`` unset (always, outside tests) a point does nothing but read the environment (``vllm_nm16.envs``).
 
 ``NM16_FAULT=ACTION:GLOB`` acts at the first point whose name matches the shell-style ``GLOB``:
 
@@ -21,17 +21,19 @@ import fnmatch
 import os
 import signal
 
+from vllm_nm16 import envs
+
 ENV = "NM16_FAULT"
 LOG_ENV = "NM16_FAULT_LOG"
 ACTIONS = ("kill", "enospc", "interrupt")
 
 
 def point(name: str) -> None:
-    log = os.environ.get(LOG_ENV)
+    log = envs.NM16_FAULT_LOG
     if log:
         with open(log, "a") as f:
             f.write(name + "\n")
-    spec = os.environ.get(ENV)
+    spec = envs.NM16_FAULT
     if not spec:
         return
     action, _, pattern = spec.partition(":")

@@ -73,6 +73,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "folder of the default model and corpus (`make setup` / `python -m offline.assets` build them there; "
            "the tests, the demo and the CLIs' defaults read them)",
            "`offline/assets.py`, at every call", default_doc="`.cache/` next to the packages"),
+    EnvVar("NM16_FAULT", "", str,
+           "test hook of the compressor's crash tests: `ACTION:GLOB` (`kill`, `enospc` or `interrupt`) at the first "
+           "named fault point matching GLOB (`offline/faults.py`); unset = no faults",
+           "`offline/faults.py`, at every fault point", default_doc="unset"),
+    EnvVar("NM16_FAULT_LOG", "", str,
+           "test hook: append the name of every fault point reached to this file",
+           "`offline/faults.py`, at every fault point", default_doc="unset"),
     # --- the GPU check script ---
     EnvVar("SMOLLM_BACKENDS", "triton", _csv,
            "comma-separated `VLLM_NM16_BACKEND` values for the `LLM()` greedy + perplexity runs",
@@ -97,6 +104,8 @@ if TYPE_CHECKING:  # attribute types for type checkers; at run time every read g
     NM16_POS_MODE: str
     TRITON_INTERPRET: bool
     NM16_THREADS: int | None
+    NM16_FAULT: str
+    NM16_FAULT_LOG: str
     NM16_CACHE: Path
     SMOLLM_BACKENDS: list[str]
     SMOLLM_SERVE: list[str]
