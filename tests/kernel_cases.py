@@ -68,6 +68,26 @@ CASES = [
 ]
 
 
+GLUON = {"kernel": "gluon"}
+# The Gluon 8:16 fragment kernel (GPU only: Gluon does not run under TRITON_INTERPRET; its decode program and load
+# offsets are checked on the CPU by tests/test_fragment.py). Forced, so every M runs it (the dispatcher uses it up to
+# M = 32); K tails (576, 160: not multiples of the 128-column step), 192-column outlier blocks, both dtypes.
+GLUON_CASES = [
+    ("gluon_m1_bf16_out_scale", 8, 16, 256, 4096, 1, "bfloat16", (256, 4), True, False, False, None, GLUON),
+    ("gluon_m2_fp16_bare_k576", 8, 16, 48, 576, 2, "float16", None, False, False, False, None, GLUON),
+    ("gluon_m3_bf16_all_ob192", 8, 16, 96, 1536, 3, "bfloat16", (192, 3), True, True, True, None, GLUON),
+    ("gluon_m8_fp16_out", 8, 16, 64, 1024, 8, "float16", (128, 2), False, False, True, None, GLUON),
+    ("gluon_m16_bf16_all", 8, 16, 1024, 4096, 16, "bfloat16", (256, 4), True, True, True, None, GLUON),
+    ("gluon_m17_bf16_out", 8, 16, 160, 2048, 17, "bfloat16", (256, 4), True, False, False, None, GLUON),
+    ("gluon_m33_fp16_all_k576", 8, 16, 96, 576, 33, "float16", (192, 3), True, True, True, None, GLUON),
+    ("gluon_m64_bf16_scale", 8, 16, 512, 1024, 64, "bfloat16", None, True, False, False, None, GLUON),
+    ("gluon_m100_bf16_all", 8, 16, 64, 512, 100, "bfloat16", (256, 4), True, True, True, None, GLUON),
+    ("gluon_m256_fp16_out", 8, 16, 128, 256, 256, "float16", (64, 1), False, False, False, None, GLUON),
+    ("gluon_m300_bf16_all_k160", 8, 16, 48, 160, 300, "bfloat16", (32, 2), True, True, True, None, GLUON),
+    ("gluon_m1024_bf16_out", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None, GLUON),
+]
+
+
 def run_case(case, device: str) -> dict:
     import torch
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_cases import CASES, REL_ERR_BOUND, run_case  # noqa: E402
+from kernel_cases import CASES, GLUON_CASES, REL_ERR_BOUND, run_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE_IDS = [c[0] for c in CASES]
@@ -79,7 +79,27 @@ def test_gpu_matches_float64(name):
 
 
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 2, 16, 64, 300])
+@pytest.mark.parametrize("name", [c[0] for c in GLUON_CASES])
+def test_gpu_gluon_matches_float64(name):
+    r = run_case(next(c for c in GLUON_CASES if c[0] == name), "cuda")
+    assert r["finite"] and r["rel_err"] <= r["bound"], r
+
+
+@needs_cuda
+def test_gpu_gluon_refuses_what_it_cannot_run():
+    from vllm_nm16.kernels import nm16_linear
+    from vllm_nm16.kernels.testing import layer_args, random_layer
+
+    t = random_layer(32, 256, device="cuda")
+    v, mk, *_ = layer_args(t)
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)  # bf16 values, fp16 activations
+    with pytest.raises(ValueError, match="bf16 or fp16, equal"):
+        nm16_linear(x, v, mk, None, None, None, None, None, n=8, m=16, outlier_block=None, outliers_per_block=0,
+                    in_features=256, out_features=32, config={"kernel": "gluon"})
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 2, 16, 17, 32, 64, 300])
 def test_gpu_llama_shape_and_cuda_graph(M):
     from vllm_nm16.kernels import nm16_linear, reference_linear, repack
     from vllm_nm16.kernels.testing import layer_args, random_layer

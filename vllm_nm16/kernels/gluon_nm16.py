@@ -327,10 +327,16 @@ def pick_config(M: int, N: int, K: int) -> dict:
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
                   wm: torch.Tensor) -> tuple[bool, str]:
-    if (n, m) != (8, 16):
-        return False, f"{n}:{m} (8:16 only)"
+    """Whether the kernel can compute this call, and why not (the dispatcher's question; M > MAX_M is allowed when a
+    caller forces the kernel: it then runs ceil(M / 32) token blocks)."""
     if M > MAX_M:
         return False, f"M={M} > {MAX_M}"
+    return _can_run(N, K, n, m, x, wv, wm)
+
+
+def _can_run(N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor) -> tuple[bool, str]:
+    if (n, m) != (8, 16):
+        return False, f"{n}:{m} (8:16 only)"
     if x.dtype not in (torch.bfloat16, torch.float16) or wv.dtype != x.dtype:
         return False, f"activations {x.dtype} / values {wv.dtype} (bf16 or fp16, equal)"
     if wm.dtype != torch.int16:
@@ -350,6 +356,9 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     overrides :func:`pick_config`'s keys (tests and the benchmark sweep)."""
     M, K = x2d.shape
     N = out_features
+    ok, why = _can_run(N, K, 8, 16 if wm.dtype == torch.int16 else 0, x2d, wv, wm)
+    if not ok:
+        raise ValueError(f"nm16 Gluon kernel: {why}")
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
         # contiguous x: its row stride (K) is a compile-time constant (immediate offsets in the outlier gathers)
         x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
