@@ -54,9 +54,10 @@ def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch
 
 # Largest M the Gluon kernel serves (above: the scratch path, kernels/scratch.py); gluon_nm16.MAX_M is its limit.
 GLUON_MAX_M = 32
-# From this many weights (N * K) on, M = 1 runs the Gluon kernel instead of the Triton gemv (H200, outliers + scale:
-# gluon 16.8 vs 20.1 us on 6144 x 4096; gemv 11.7-12.0 vs 14.8+ us on 4096 x 4096).
-GLUON_M1_MIN_WEIGHTS = 24 * 2**20
+# From this many weights (N * K) on, M = 1 and M = 17..32 run the Gluon kernel instead of the Triton gemv / the
+# scratch path (H200, outliers + scale, benchmarks/results/kernels_h200.json: M = 1 gluon 16.3 vs gemv 20.5 us on
+# 6144 x 4096, gemv 11.6 us on 4096 x 4096; M = 32 on 4096 x 4096 the scratch path measured ahead).
+GLUON_SMALL_LAYER_WEIGHTS = 24 * 2**20
 
 
 def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_block: int | None,
@@ -74,14 +75,14 @@ def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_blo
 
 def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
     """Whether the Gluon fragment kernel runs this call: it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M) and, at
-    M = 1, the layer is large enough to beat the Triton gemv."""
+    M = 1 and M > 16, the layer is large enough to beat the Triton gemv / the scratch path."""
     if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M:
         return False
     from vllm_nm16.kernels.gluon_nm16 import can_implement  # noqa: PLC0415
 
     M, K = x2d.shape
     ok, _ = can_implement(M, out_features, K, n, m, x2d, wv, wm)
-    return ok and (M > 1 or out_features * K >= GLUON_M1_MIN_WEIGHTS)
+    return ok and (1 < M <= 16 or out_features * K >= GLUON_SMALL_LAYER_WEIGHTS)
 
 
 def prepare_device(device: torch.device) -> None:
