@@ -297,17 +297,29 @@ def prepare_device(device: torch.device) -> None:
     _table(device)
 
 
-def pick_config(M: int, N: int, K: int) -> dict:
-    """Launch shape by M class, from the H200 sweep (benchmarks/results/gluon_sweep_h200.json: 8B qkv/gate_up/down
-    and 70B o at M = 1, 8, 16, 32, 64, outliers + scale):
+# Warps the chip should have loading at once: ~12 per SM on the H200's 132 SMs (the memory latency the loop hides).
+_WARPS_TO_FILL = 132 * 12
 
-    * BM (tokens per CTA) 8 / 16 / 32 (M > 32 is served by the scratch path: measured no faster here).
-    * WK warps along K (the CTA-internal split). BM = 8: 4 (beat 8 on every swept shape, 1-27%; 128 registers, so 4
-      CTAs per SM). BM = 16 (156 registers): 4 where the 16-row blocks fill about one wave of 3 CTAs per SM
-      (300-396 blocks: 8B qkv 23.6 vs 33.4 us), else 8 (gate_up 77.9 vs 98.6 us, down 46.8 vs 52.7 us).
-    * WN warps along N share x through L1: BM = 32 takes 4 x 2 (WN x WK) on layers up to 8192 x 8192 and 2 x 4
-      on wider/deeper ones.
-    * Outliers inside the main loop only for BM = 8; after it for larger BM (the in-loop stream's registers cut
+
+def _fill_warps(ctas: int, per_cta: int, max_wk: int) -> int:
+    """The smallest K split (1, 2, 4, ...) that puts _WARPS_TO_FILL warps on the chip, else ``max_wk``: splitting K
+    further only adds the CTA's cross-warp reduction."""
+    return next((wk for wk in (1, 2, 4, 8) if wk <= max_wk and ctas * wk * per_cta >= _WARPS_TO_FILL), max_wk)
+
+
+def pick_config(M: int, N: int, K: int) -> dict:
+    """Launch shape by M class, measured on the H200 (benchmarks/results/gluon_sweep_h200.json: 8B qkv, gate_up, down
+    and 70B o at M = 1, 8, 16, 32, 64 with outliers + scale, defaults and variants; kernels_h200.json):
+
+    * BM (tokens per CTA) 8 / 16 / 32 (M > 32: the dispatcher sends it to the scratch path, which measured no
+      slower at M = 64).
+    * BM = 8: WK = 4 warps split K (beat the fill rule's choice on every swept shape at M = 1 and 8, by 0-27%).
+    * BM = 16: the fill rule (gate_up WK = 1: 77.9 us, against 147.8 us with WK = 8; down WK = 8: 46.8 us; 70B o WK
+      = 4: 49.2 us), except where the 16-row blocks about fill one wave of 3 CTAs per SM (300-396 blocks, 8B qkv):
+      WK = 4, 23.6 us against 33.4 us.
+    * BM = 32: WN = 4 warps along N share x through L1 with WK = 2 on layers up to 8192 x 8192 (8B qkv 44.9 vs
+      54.5 us, 70B o 80.7 vs 90.2 us); else WN = 2 and the fill rule (gate_up WK = 1: 148 us; down WK = 4: 72.8 us).
+    * Outliers inside the main loop for BM = 8; after it for larger BM (the in-loop stream's registers cut
       occupancy: 217 vs 156 registers at BM = 16; in-loop measured 3-15% slower there).
     K steps per warp stay whole where possible (then the loop has no masks).
     """
@@ -316,12 +328,14 @@ def pick_config(M: int, N: int, K: int) -> dict:
         BM, WN, WK = 8, 1, 4
     elif M <= 16:
         BM, WN = 16, 1
-        WK = 4 if 300 <= N // 16 <= 396 else 8
+        WK = 4 if 300 <= N // 16 <= 396 else _fill_warps(N // 16, 1, 8)
     else:
         BM = 32
-        WN, WK = (4, 2) if N <= 8192 and K <= 8192 else (2, 4)
-        if N % (16 * WN):
-            WN, WK = 1, 8
+        if N <= 8192 and K <= 8192 and N % 64 == 0:
+            WN, WK = 4, 2
+        else:
+            WN = 2 if N % 32 == 0 else 1
+            WK = _fill_warps(N // (16 * WN), WN, 8 // WN)
     fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8}
