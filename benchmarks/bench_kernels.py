@@ -26,12 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import SHAPES, graph_us as _graph_us  # benchmarks/common.py (the script folder is on sys.path)
 
-SHAPES = {  # name: (N = out_features, K = in_features)
-    "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
-    "70B o": (8192, 8192), "70B gate_up": (57344, 8192), "70B down": (8192, 28672),
-}
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -77,33 +73,7 @@ def measure(args) -> dict:
 
     def graph_us(fns) -> float:
         """Median per-call time of the calls in ``fns`` (one per weight copy) replayed from a CUDA graph."""
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
-            e0.record()
-            for f in fns:
-                f()
-            e1.record()
-        torch.cuda.synchronize()
-        est_us = 1e3 * e0.elapsed_time(e1) / len(fns)
-        reps = max(1, min(40, int(args.graph_us / max(est_us * len(fns), 1.0))))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                for f in fns:
-                    f()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(7):
-            e0.record()
-            graph.replay()
-            e1.record()
-            torch.cuda.synchronize()
-            times.append(1e3 * e0.elapsed_time(e1) / (reps * len(fns)))
-        del graph
-        return sorted(times)[3]
+        return _graph_us(fns, target_us=args.graph_us)
 
     def copies_for(nbytes: float) -> int:
         return max(1, min(8, -(-int(120e6) // int(nbytes))))

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REL_ERR_BOUND = 1e-2  # bf16 output rounding (~3e-3 measured), fp32 accumulation
 REL_ERR_BOUND_FP32 = 1e-5  # fp32 output (products of bf16 values and fp32 x, fp32 sums)

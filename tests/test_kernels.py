@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_cases import CASES, GLUON_CASES, REL_ERR_BOUND, run_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
