@@ -65,9 +65,9 @@ def measure(args) -> dict:
     import torch.nn.functional as F
     import triton
 
-    from vllm_nm16.kernels import nm16_linear, reference_linear, repack
+    from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear
+    from vllm_nm16.kernels import nm16_linear, repack
     from vllm_nm16.kernels.configs import pick_config
-    from vllm_nm16.kernels.testing import layer_args, random_layer
 
     bench = lambda fn: 1e3 * triton.testing.do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")  # noqa
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from vllm_nm16.kernels import nm16_linear, reference_linear, repack
-from vllm_nm16.kernels.testing import layer_args, random_layer
+from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear
+from vllm_nm16.kernels import nm16_linear, repack
 
 
 def copy_bandwidth() -> float:

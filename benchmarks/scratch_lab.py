@@ -22,7 +22,7 @@ def main() -> None:
 
     from vllm_nm16.kernels import nm16_linear, repack
     from vllm_nm16.kernels.scratch import unpack_to_dense
-    from vllm_nm16.kernels.testing import layer_args, random_layer
+    from nm16_dev.kernel_testing import layer_args, random_layer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

@@ -89,8 +89,8 @@ GLUON_CASES = [
 def run_case(case, device: str) -> dict:
     import torch
 
-    from vllm_nm16.kernels import nm16_linear, reference_linear, repack
-    from vllm_nm16.kernels.testing import layer_args, random_layer
+    from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear
+    from vllm_nm16.kernels import nm16_linear, repack
 
     name, n, m, N, K, M, dtype, outl, scale, shift, bias, mode, cfg = case
     wdtype, _, xdtype = dtype.partition(">")  # "bfloat16>float16": bf16 checkpoint served with fp16 activations

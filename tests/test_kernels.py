@@ -87,7 +87,7 @@ def test_gpu_gluon_matches_float64(name):
 @needs_cuda
 def test_gpu_gluon_refuses_what_it_cannot_run():
     from vllm_nm16.kernels import nm16_linear
-    from vllm_nm16.kernels.testing import layer_args, random_layer
+    from nm16_dev.kernel_testing import layer_args, random_layer
 
     t = random_layer(32, 256, device="cuda")
     v, mk, *_ = layer_args(t)
@@ -100,8 +100,8 @@ def test_gpu_gluon_refuses_what_it_cannot_run():
 @needs_cuda
 @pytest.mark.parametrize("M", [1, 2, 16, 17, 32, 64, 300])
 def test_gpu_llama_shape_and_cuda_graph(M):
-    from vllm_nm16.kernels import nm16_linear, reference_linear, repack
-    from vllm_nm16.kernels.testing import layer_args, random_layer
+    from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear
+    from vllm_nm16.kernels import nm16_linear, repack
 
     N, K = 1024, 4096
     t = random_layer(N, K, outlier_block=256, outliers_per_block=4, scale=True, shift=True, device="cuda")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from vllm_nm16.kernels import nm16_linear, reference_linear
-from vllm_nm16.kernels.testing import layer_args, random_layer
+from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear
+from vllm_nm16.kernels import nm16_linear
 
 
 def check(N, K, M, dtype, k, B, scale, shift, bias, cfg=None):

@@ -8,7 +8,6 @@ Importing this package is cheap and needs neither CUDA nor Triton: the Triton mo
   (gluon_nm16.py, 8:16 at M <= 32), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
   small layers) or decode-to-scratch + cuBLAS (scratch.py, large M). All are CUDA-graph and torch.compile safe (no
   host syncs, no data-dependent shapes, output from ``torch.empty``).
-* :func:`reference_linear` -- the same function in float64 through ``format.unpack`` (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 
 from vllm_nm16.kernels.layout import POS_BYTE, POS_LUT16, POS_NIBBLE32, repack
 
-__all__ = ["repack", "nm16_linear", "reference_linear", "POS_LUT16", "POS_NIBBLE32", "POS_BYTE"]
+__all__ = ["repack", "nm16_linear", "choose_config", "POS_LUT16", "POS_NIBBLE32", "POS_BYTE"]
 
 
 def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch.Tensor | None,
@@ -90,34 +89,3 @@ def prepare_device(device: torch.device) -> None:
     from vllm_nm16.kernels.gluon_nm16 import prepare_device as _prepare  # noqa: PLC0415
 
     _prepare(device)
-
-
-def reference_linear(x2d: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     outlier_values: torch.Tensor | None, outlier_index: torch.Tensor | None,
-                     scale: torch.Tensor | None, shift: torch.Tensor | None, bias: torch.Tensor | None, *,
-                     n: int, m: int, outlier_block: int | None, outliers_per_block: int) -> torch.Tensor:
-    """float64 [M, out] from the ON-DISK tensors (not the repacked ones): the ground truth for tests."""
-    from vllm_nm16 import format as fmt  # noqa: PLC0415
-
-    spec = fmt.NM16Spec(n=n, m=m, outlier_block=outlier_block if outliers_per_block else None,
-                        outliers_per_block=outliers_per_block, has_scale=scale is not None,
-                        has_shift=shift is not None)
-    tensors = {fmt.VALUES: values, fmt.MASK: mask}
-    if outliers_per_block:
-        tensors[fmt.OUTLIER_VALUES] = outlier_values
-        tensors[fmt.OUTLIER_INDEX] = outlier_index
-    if scale is not None:
-        tensors[fmt.SCALE] = scale
-    if shift is not None:
-        tensors[fmt.SHIFT] = shift
-    layer = fmt.unpack(tensors, spec, in_features=mask.shape[1] * m)
-    y = x2d.double() @ layer.weight_nm.double().T
-    if scale is not None:
-        y = y * scale.double()
-    if layer.outliers is not None:
-        y = y + x2d.double() @ layer.outliers.double().T
-    if shift is not None:
-        y = y + shift.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y
