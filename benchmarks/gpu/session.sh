@@ -18,6 +18,8 @@
 #               8:16 + outliers 4/256 + scale), batches 1/16/64 + throughput, --iters 3 --warmup 1, no profiler; both
 #               models in this one call -> $OUT/e2e_dense.json, $OUT/e2e_nm16.json, merged $OUT/e2e_h200.json
 #
+#   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5) -> $OUT/fuzz_h200.json + .log
+#
 # Results go to $OUT (the device tool brings them back).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -86,6 +88,11 @@ e2e_dummy)
 serve8b)
   use_site
   python3 benchmarks/gpu/smollm_check.py --serve-only /tmp/llama8b-nm16 --out "$OUT/serve8b" ;;
+fuzz)
+  # torch + Triton only (no vLLM needed); ~8 min: 500 random cases on 8 worker processes, stops new cases at 420 s
+  use_site
+  python3 benchmarks/gpu/fuzz.py --out "$OUT/fuzz_h200.json" "$@" > "$OUT/fuzz_h200.log" 2>&1 || true
+  tail -5 "$OUT/fuzz_h200.log" ;;
 *)
   echo "unknown step $step" >&2; exit 2 ;;
 esac
