@@ -116,8 +116,10 @@ class LayerResult:
     w_eff: torch.Tensor                           # effective dense weight (fp32, from the stored 16-bit parts)
     shift: torch.Tensor | None
     report: dict[str, Any] = field(default_factory=dict)
-    parts: SparseLinearParts | None = None       # the stored parts as fp32 (block-wise reconstruction tunes them)
-    keep: torch.Tensor | None = None              # the N:M keep mask (outlier slots included), for re-packing
+    # While its block is being compressed (dropped after it, to keep one block's worth of them alive): the stored
+    # parts as fp32 (block-wise reconstruction tunes them) and the N:M keep mask (outlier slots included).
+    parts: SparseLinearParts | None = None
+    keep: torch.Tensor | None = None
 
 
 def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, pattern: Pattern,
@@ -407,6 +409,9 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
                 point(f"reconstruct.{prefix}")
             del targets
         xs = _run_block(block, xs, kwargs)
+        for n in (n for g in groups for n in g.names):
+            if f"{prefix}.{n}" in results:
+                results[f"{prefix}.{n}"].parts = results[f"{prefix}.{n}"].keep = None
         layers[i] = block.to(device="cpu", dtype=model_dtype)
         point(f"block.{prefix}")
         errs = [results[f"{prefix}.{n}"].report["rel_error_after_correction"]

@@ -66,15 +66,16 @@ def test_reconstruction_lowers_block_output_error(tiny_llama, calib_text, monkey
         ref = dense(input_ids=samples, output_hidden_states=True).hidden_states
     import offline.compressor as compressor
 
-    seen = {}
+    seen = {}   # (block, layer) -> the pruning's masks and values, as handed to the reconstruction
 
     def spy(block, inputs, targets, layers, **kw):
-        seen.update({n: (p.mask.clone(), p.outlier_mask.clone(), p.values.clone()) for n, p in layers.items()})
+        i = len({b for b, _ in seen})
+        seen.update({(i, n): (p.mask.clone(), p.outlier_mask.clone(), p.values.clone()) for n, p in layers.items()})
         res = reconstruct(block, inputs, targets, layers, **kw)
         for n, p in res.layers.items():   # what the pruning chose is what comes back
-            assert torch.equal(p.mask, seen[n][0]) and torch.equal(p.outlier_mask, seen[n][1]), n
+            assert torch.equal(p.mask, seen[i, n][0]) and torch.equal(p.outlier_mask, seen[i, n][1]), n
             assert not bool(p.values[~p.mask].ne(0).any()) and not bool(p.outliers[~p.outlier_mask].ne(0).any())
-            assert not torch.equal(p.values, seen[n][2]), n
+            assert not torch.equal(p.values, seen[i, n][2]), n
         return res
 
     reconstruct = compressor.reconstruct_block
@@ -86,12 +87,17 @@ def test_reconstruction_lowers_block_output_error(tiny_llama, calib_text, monkey
                                                 Recipe(nsamples=4, seqlen=32, reconstruct=steps), progress=False)
         monkeypatch.undo()
         if steps:   # the packed masks are the pruning's
-            assert len(seen) == 7
-            for name, res in results.items():
+            assert len(seen) == 14
+            for (i, n), (mask, outlier_mask, _) in seen.items():
+                res = results[f"model.layers.{i}.{n}"]
                 up = fmt.unpack(res.tensors, spec)
-                assert torch.equal(up.keep, res.keep), name
-                assert torch.equal(res.parts.mask, res.keep & ~res.parts.outlier_mask), name
-                assert torch.equal(up.effective_weight(), res.w_eff), name
+                b = spec.outlier_block
+                idx = res.tensors[fmt.OUTLIER_INDEX].to(torch.int64).reshape(mask.shape[0], -1, spec.outliers_per_block)
+                pos = torch.zeros(mask.shape[0], mask.shape[1] // b, b, dtype=torch.bool).scatter_(-1, idx, True)
+                assert torch.equal(pos.reshape(mask.shape), outlier_mask), (i, n)
+                assert torch.equal(up.keep & ~outlier_mask, mask), (i, n)
+                assert torch.equal(up.effective_weight(), res.w_eff), (i, n)
+                assert res.parts is None and res.keep is None   # dropped after the block
         with torch.no_grad():
             hs = model(input_ids=samples, output_hidden_states=True).hidden_states
             block0 = model.model.layers[0](ref[0], position_embeddings=model.model.rotary_emb(
