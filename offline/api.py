@@ -285,8 +285,12 @@ def build_report(results, tensors, src_names, state, ignore, recipe_record, info
         "mean_rel_error_after_correction": sum(errs_a) / max(len(errs_a), 1),
         "seconds": info["seconds"],
     }
-    return {"format": "nm16" if packed else "dense-effective", "recipe": recipe_record, "ignore": ignore,
-            "totals": totals, "layers": layers}
+    report = {"format": "nm16" if packed else "dense-effective", "recipe": recipe_record, "ignore": ignore,
+              "totals": totals, "layers": layers}
+    if info.get("reconstruction"):
+        # per block: output error relative to the mean square of the dense block's update, before/after
+        report["reconstruction"] = info["reconstruction"]
+    return report
 
 
 def print_summary(report: dict) -> None:

@@ -24,6 +24,7 @@ import torch
 from offline import correction, equalize, outliers, scoring
 from offline.models import linear_groups
 from offline.recipe import Recipe
+from offline.reconstruct import SparseLinearParts, reconstruct_block
 from offline.scoring import Pattern
 from vllm_nm16 import format as fmt
 
@@ -115,6 +116,10 @@ class LayerResult:
     w_eff: torch.Tensor                           # effective dense weight (fp32, from the stored 16-bit parts)
     shift: torch.Tensor | None
     report: dict[str, Any] = field(default_factory=dict)
+    # While its block is being compressed (dropped after it, to keep one block's worth of them alive): the stored
+    # parts as fp32 (block-wise reconstruction tunes them) and the N:M keep mask (outlier slots included).
+    parts: SparseLinearParts | None = None
+    keep: torch.Tensor | None = None
 
 
 def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, pattern: Pattern,
@@ -166,6 +171,7 @@ def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, patte
     if spec is not None:
         tensors = fmt.pack(w_nm, keep, spec, outliers=w_out, outlier_mask=protect, scale=scale, shift=shift,
                            name=name)
+    parts = SparseLinearParts(w_nm32, keep_vals, w_out32, protect, scale, shift)
     live = keep if protect is None else keep | protect
     report = {
         "shape": [out_f, in_f],
@@ -181,7 +187,19 @@ def compress_linear(name: str, W: torch.Tensor, st: Stats, recipe: Recipe, patte
     report["bytes"] = layer_bytes_report(out_f, in_f, pattern, spec, recipe, outlier_kb,
                                          int(protect.sum()) if protect is not None else 0,
                                          torch.tensor([], dtype=value_dtype).element_size())
-    return LayerResult(name, tensors, w_eff, shift, report)
+    return LayerResult(name, tensors, w_eff, shift, report, parts, keep)
+
+
+def repack(res: LayerResult, parts: SparseLinearParts, spec: fmt.NM16Spec | None,
+           value_dtype: torch.dtype) -> None:
+    """Replace ``res``'s stored parts (same masks) by ``parts``: packed tensors, effective weight and shift."""
+    if spec is not None:
+        res.tensors = fmt.pack(parts.values.to(value_dtype), res.keep, spec,
+                               outliers=None if parts.outliers is None else parts.outliers.to(value_dtype),
+                               outlier_mask=parts.outlier_mask, scale=parts.scale, shift=parts.shift, name=res.name)
+    res.parts = parts
+    res.w_eff = parts.effective_weight()
+    res.shift = parts.shift
 
 
 def layer_bytes_report(out_f, in_f, pattern: Pattern, spec, recipe: Recipe, outlier_kb, n_outliers,
@@ -209,12 +227,16 @@ def layer_bytes_report(out_f, in_f, pattern: Pattern, spec, recipe: Recipe, outl
 @torch.no_grad()
 def _set_linear(mod: torch.nn.Linear, w_eff: torch.Tensor, shift: torch.Tensor | None) -> None:
     """Make the in-memory layer compute the compressed function (the shift as a forward hook, so the module's own
-    bias, which is written to the checkpoint unchanged, stays as it was)."""
+    bias, which is written to the checkpoint unchanged, stays as it was). Calling it again replaces the shift."""
     mod.weight.copy_(w_eff.to(mod.weight.dtype))
+    old = getattr(mod, "_nm16_shift_hook", None)
+    if old is not None:
+        old.remove()
+        mod._nm16_shift_hook = None
     if shift is not None:
         def add_shift(_mod, _inp, out, _shift=shift):
             return out + _shift.to(device=out.device, dtype=out.dtype)
-        mod.register_forward_hook(add_shift)
+        mod._nm16_shift_hook = mod.register_forward_hook(add_shift)
 
 
 @torch.no_grad()
@@ -334,11 +356,15 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     t0 = time.time()
+    recon: dict[str, dict[str, Any]] = {}
     bar = tqdm(range(len(layers)), desc=f"compress {recipe.method} {recipe.pattern}", disable=not progress,
                unit="block")
     for i in bar:
         block = layers[i].to(device=device, dtype=torch.float32)
         prefix = f"model.layers.{i}"
+        # Targets of block-wise reconstruction: the dense block on the inputs that come through the compressed
+        # earlier blocks.
+        targets = _run_block(block, xs, kwargs) if recipe.reconstruct else None
         if recipe.equalize is not None:
             equalize_block(block, groups, xs, kwargs, recipe.equalize, heads=heads, kv_heads=kv, head_dim=head_dim)
         stage_groups = groups if recipe.true_sequential else (groups,)
@@ -362,13 +388,41 @@ def compress_model(model, samples: torch.Tensor, recipe: Recipe, *, device="cpu"
                     _set_linear(mod, res.w_eff, res.shift)
                     results[full] = res
                     point(f"linear.{full}")
+        if targets is not None:
+            names = [n for g in groups for n in g.names if f"{prefix}.{n}" in results]
+            if names:
+                rr = reconstruct_block(block, xs, targets, {n: results[f"{prefix}.{n}"].parts for n in names},
+                                       steps=recipe.reconstruct, lr=recipe.reconstruct_lr, seed=recipe.seed + i,
+                                       kwargs=kwargs, value_dtype=value_dtype, progress=progress,
+                                       desc=f"reconstruct {i}")
+                if rr.applied:
+                    for n in names:
+                        res = results[f"{prefix}.{n}"]
+                        repack(res, rr.layers[n], spec, value_dtype)
+                        _set_linear(block.get_submodule(n), res.w_eff, res.shift)
+                else:
+                    log.warning("%s: reconstruction did not lower the block's output error (%.4g -> %.4g): "
+                                "kept the pruned weights as they were", prefix, rr.rel_error_before,
+                                rr.rel_error_optimised)
+                recon[prefix] = {"rel_error_before": rr.rel_error_before, "rel_error_after": rr.rel_error_after,
+                                 "applied": rr.applied, "seconds": round(rr.seconds, 1)}
+                point(f"reconstruct.{prefix}")
+            del targets
         xs = _run_block(block, xs, kwargs)
+        for n in (n for g in groups for n in g.names):
+            if f"{prefix}.{n}" in results:
+                results[f"{prefix}.{n}"].parts = results[f"{prefix}.{n}"].keep = None
         layers[i] = block.to(device="cpu", dtype=model_dtype)
         point(f"block.{prefix}")
         errs = [results[f"{prefix}.{n}"].report["rel_error_after_correction"]
                 for g in groups for n in g.names if f"{prefix}.{n}" in results]
         if errs:
-            bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
+            post = {"rel_err": f"{sum(errs) / len(errs):.4f}"}
+            if prefix in recon:
+                post["block_err"] = f"{recon[prefix]['rel_error_before']:.4f}->{recon[prefix]['rel_error_after']:.4f}"
+            bar.set_postfix(post)
     info = {"outliers_kb": list(outlier_kb) if outlier_kb else None, "seconds": round(time.time() - t0, 1),
             "value_dtype": str(value_dtype).replace("torch.", "")}
+    if recon:
+        info["reconstruction"] = recon
     return spec, results, ignore, info

@@ -50,6 +50,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    """``--reconstruct`` value: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise ValueError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _option(default: Any, help: str | None = None, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
@@ -79,6 +90,12 @@ class Recipe:
     percdamp: float = _option(0.01, "SparseGPT Hessian damping (fraction of mean diag)")
     true_sequential: bool = _option(True, "collect all statistics of a block before compressing any of its layers",
                                     flag="--no-true-sequential")
+    reconstruct: int = _option(0, "block-wise reconstruction: after each decoder block is pruned, STEPS Adam steps "
+                                  "(fp32, one calibration window each) on its kept values, outliers and correction "
+                                  "scales/shifts so that the block's output matches the dense block's on the "
+                                  "calibration activations; masks unchanged; 0 = off", type=non_negative_int,
+                               metavar="STEPS")
+    reconstruct_lr: float = _option(1e-4, "Adam learning rate of --reconstruct")
     calib: str | None = _option(None, "calibration text file or folder of .txt (default: the sotu-calib split)",
                                 type=Path)
 
@@ -108,6 +125,13 @@ class Recipe:
                              f"M={pattern.m} (pattern {self.pattern})")
         if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise ValueError(f"SparseGPT damping (--percdamp) must be a finite number >= 0, got {self.percdamp!r}")
+        if isinstance(self.reconstruct, bool) or not isinstance(self.reconstruct, int) or self.reconstruct < 0:
+            raise ValueError(f"block-wise reconstruction (--reconstruct) needs STEPS >= 0 (0 = off), "
+                             f"got {self.reconstruct!r}")
+        if not (isinstance(self.reconstruct_lr, (int, float)) and not isinstance(self.reconstruct_lr, bool)
+                and math.isfinite(self.reconstruct_lr) and self.reconstruct_lr > 0):
+            raise ValueError(f"reconstruction learning rate (--reconstruct-lr) must be a finite number > 0, "
+                             f"got {self.reconstruct_lr!r}")
         if self.outliers not in (None, "auto"):
             kb = outliers.parse_outliers(self.outliers)
             if kb and pattern.structured and kb[1] % pattern.m:

@@ -179,6 +179,11 @@ def _check_recorded(key, value):
     return check
 
 
+def _check_reconstruction_report(rep):
+    assert set(rep["reconstruction"]) == {"model.layers.0", "model.layers.1"}
+    assert all(r["rel_error_after"] <= r["rel_error_before"] for r in rep["reconstruction"].values())
+
+
 # One run per recipe option (default recipe otherwise), each with a check that fails if the option were ignored.
 # Covered elsewhere and left out here: magnitude alone and wanda + explicit k/B outliers (test_offline_compress.py);
 # --strict (test_indivisible_layers_stay_dense_with_warning); the unstructured pattern (above).
@@ -198,6 +203,10 @@ OPTIONS = {
     "seed": (["--seed", "1"], _check_changes_values("seed", 1)),
     "calibration-size": (["--nsamples", "2", "--seqlen", "48"], _check_changes_values("seqlen", 48)),
     "calib": (["--calib", str(default_eval_path())], _check_changes_values("calib", str(default_eval_path()))),
+    "reconstruct+lr": (["--reconstruct", "10", "--reconstruct-lr", "2e-4"],
+                       lambda out, base, spec, rep: (_check_changes_values("reconstruct", 10)(out, base, spec, rep),
+                                                     _check_recorded("reconstruct_lr", 2e-4)(out, base, spec, rep),
+                                                     _check_reconstruction_report(rep))),
     # SparseGPT's block size only batches the same updates (rounding changes): check it is accepted and recorded.
     "blocksize+threads+device": (["--blocksize", "32", "--threads", "2", "--device", "cpu"],
                                  _check_recorded("blocksize", 32)),
@@ -226,6 +235,7 @@ REFUSED = [
     (["--outliers", "4/100"], "multiple of M=16"),
     (["--pattern", "unstructured", "--mean-shift"], "mean shift"),
     (["--outlier-structure", "unstructured", "--mean-shift"], "mean shift"),
+    (["--reconstruct-lr", "0"], "reconstruct-lr"),
     (["--device", "mps"], "only cpu and cuda"),
     (["--device", "nonsense"], "not a torch device"),
 ]
@@ -255,7 +265,8 @@ def test_cuda_refused_without_a_gpu(tiny_llama, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra", [["--nsamples", "0"], ["--seqlen", "-1"], ["--blocksize", "0"], ["--threads", "0"],
-                                   ["--method", "obs"], ["--equalize", "2"]])
+                                   ["--method", "obs"], ["--equalize", "2"],
+                                   ["--reconstruct", "-1"]])
 def test_bad_values_refused_by_argparse(tiny_llama, tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as e:
         _compress(tiny_llama, tmp_path / "out", *extra)
