@@ -1,18 +1,20 @@
-"""Gluon kernel for 8:16 at small M: decode straight into ``mma.m16n8k16`` A fragments (layout: fragment.py).
+"""Gluon kernel for 8:16 at small M: decode straight into ``mma.m16n8k16`` A fragments (index math: fragment.py).
 
-One CTA owns 16 output rows (one row block) and all of K; its ``WK`` warps split K between them (warp w takes K steps
-w, w + WK, ...) and are reduced in shared memory at the end, so there is no workspace and no second launch. Per K step
-(128 columns) each lane loads 2 x 16 B of kept values per row pair, one 8 B mask word and its x columns (2 x 16 B per
-token row and tile, already in B-fragment order because K is permuted inside each 64-column tile), runs the PTX
-stream decode (fragment.decode_asm) and issues the mma: the decoded words are the A registers (all layout
-conversions are asserted trivial). The next step's loads are issued before the current step's decode (one-step
-register prefetch), which the latency-bound loop needs.
+One CTA owns ``16 * WN`` output rows (WN warps along N, 16 rows each, sharing x through L1) and one block of BM
+tokens (8, 16 or 32; grid dim 1 walks larger M); its ``WK`` warps along K split the K steps (warp w takes steps w,
+w + WK, ...) and are summed once at the end in shared memory: no workspace, no second launch. Per K step (128
+columns) a lane loads, straight from the on-disk tensors, 2 x 16 B of kept values per row (groups 2t and 2t+1 of
+rows g and g+8), one int32 holding their two 16-bit masks, and 64 contiguous bytes of each of its token rows of x;
+runs the PTX stream decode (fragment.decode_asm); and issues the mma -- the decoded words are the A registers (every
+layout conversion is asserted trivial: K is permuted inside each 64-column tile in registers, identically for W and
+x). The next step's loads are issued before the current step's decode (one-step register prefetch, unrolled by two).
 
-Outliers (k per row and block of B columns) are exact: a CUDA-core pass after the main loop gathers x at their
-columns into a second fp32 accumulator. The epilogue computes ``y = scale * acc + acc_outliers + shift + bias``.
+Outliers (k per row and block of B columns) are exact, in a second fp32 accumulator on the CUDA cores: a stream
+inside the main loop for BM = 8 (offsets one trip ahead, x gathered at a trip's start, used at its end), a pass after
+it for larger BM. The epilogue computes ``y = scale * acc + acc_outliers + shift + bias``.
 
-The batched (3-D) mma puts the warps on the leading dimension: tensors are ``[WK, 16, ...]`` and warp w's slice is
-its share of K. Tokens (M <= 16) are the mma N dimension: BM = 8 or 16.
+The batched (3-D) mma puts the K-split warps on the leading dimension: tensors are ``[WK, 16 * WN, ...]`` and slice
+w is warp w's share of K. Tokens are the mma N dimension. Launch shapes by M class: :func:`pick_config`.
 """
 
 from __future__ import annotations
