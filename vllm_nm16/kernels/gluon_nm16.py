@@ -374,7 +374,9 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     overrides :func:`pick_config`'s keys (tests and the benchmark sweep)."""
     M, K = x2d.shape
     N = out_features
-    ok, why = _can_run(N, K, 8, 16 if wm.dtype == torch.int16 else 0, x2d, wv, wm)
+    ok, why = _can_run(N, K, 8, 16, x2d, wv, wm)
+    if ok and (tuple(wv.shape) != (N, K // 2) or tuple(wm.shape) != (N, K // 16)):
+        ok, why = False, f"values {tuple(wv.shape)} / mask {tuple(wm.shape)} are not an 8:16 layer of {N} x {K}"
     if not ok:
         raise ValueError(f"nm16 Gluon kernel: {why}")
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
