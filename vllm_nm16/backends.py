@@ -50,7 +50,7 @@ class LayerGeometry:
     def from_spec(cls, spec: fmt.NM16Spec, *, in_features: int, out_features: int,
                   act_dtype: torch.dtype) -> "LayerGeometry":
         return cls(n=spec.n, m=spec.m, in_features=in_features, out_features=out_features,
-                   outlier_block=spec.outlier_block or 0 if spec.has_outliers else 0,
+                   outlier_block=(spec.outlier_block or 0) if spec.has_outliers else 0,
                    outliers_per_block=spec.outliers_per_block if spec.has_outliers else 0,
                    has_scale=spec.has_scale, has_shift=spec.has_shift, act_dtype=act_dtype)
 
