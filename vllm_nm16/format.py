@@ -229,11 +229,36 @@ def encode_mask(keep: torch.Tensor, m: int) -> torch.Tensor:
     return bits.to(mask_dtype(m))
 
 
+_BYTE_LUTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _byte_lut(bits: int, device: torch.device) -> torch.Tensor:
+    """bool [256, bits]: entry b holds the low ``bits`` bits of b, least significant first (cached per device)."""
+    key = (bits, str(device))
+    lut = _BYTE_LUTS.get(key)
+    if lut is None:
+        b = torch.arange(256, dtype=torch.int32, device=device)
+        lut = ((b.unsqueeze(1) >> torch.arange(bits, dtype=torch.int32, device=device)) & 1).bool()
+        _BYTE_LUTS[key] = lut
+    return lut
+
+
 def decode_mask(mask: torch.Tensor, m: int) -> torch.Tensor:
-    """signed int [out, G] -> bool [out, G*M]."""
-    bits = mask.to(torch.int64) & ((1 << m) - 1)
-    keep = (bits.unsqueeze(-1) & _bit_weights(m, mask.device)) != 0
-    return keep.reshape(mask.shape[0], -1)
+    """signed int [out, G] -> bool [out, G*M], through a byte lookup table (no [out, G, M] int64 intermediate)."""
+    out_f = mask.shape[0]
+    if m == 4:  # int8 holding 4 bits
+        return _byte_lut(4, mask.device)[mask.contiguous().view(torch.uint8).long()].reshape(out_f, -1)
+    # Little-endian bytes of an int8/16/32 group: byte i holds columns 8i..8i+7 of the group.
+    return _byte_lut(8, mask.device)[mask.contiguous().view(torch.uint8).long()].reshape(out_f, -1)
+
+
+def kept_positions(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """signed int mask [out, G] -> int64 [out, G, N]: the column (0..M-1) of each kept value inside its group, in
+    increasing order -- the order of the values."""
+    out_f, groups = mask.shape
+    keep = decode_mask(mask, m).view(out_f, groups, m)
+    # Stable sort puts the kept columns first, in increasing column order.
+    return torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]
 
 
 def popcount(mask: torch.Tensor, m: int) -> torch.Tensor:

@@ -24,45 +24,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from vllm_nm16 import format as fmt
 from vllm_nm16.kernels.common import output_bias
 
 OP_NAME = "nm16::linear"
 
 
 # --------------------------------------------------------------------------------------------------- CPU weight path
-_LUT_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _byte_lut(bits: int, device: torch.device) -> torch.Tensor:
-    """bool [256, bits]: entry b holds the low ``bits`` bits of b, least significant first."""
-    key = (bits, device)
-    lut = _LUT_CACHE.get(key)
-    if lut is None:
-        b = torch.arange(256, dtype=torch.int32, device=device)
-        lut = ((b.unsqueeze(1) >> torch.arange(bits, dtype=torch.int32, device=device)) & 1).bool()
-        _LUT_CACHE[key] = lut
-    return lut
-
-
-def decode_keep(mask: torch.Tensor, m: int) -> torch.Tensor:
-    """Packed signed-int mask [out, G] -> bool [out, G*M] (same result as ``format.decode_mask``, via a byte LUT)."""
-    out_f = mask.shape[0]
-    if m == 4:  # int8 holding 4 bits
-        return _byte_lut(4, mask.device)[mask.view(torch.uint8).long()].reshape(out_f, -1)
-    # Little-endian bytes of an int8/16/32 group: byte i holds columns 8i..8i+7 of the group.
-    return _byte_lut(8, mask.device)[mask.contiguous().view(torch.uint8).long()].reshape(out_f, -1)
-
-
-def keep_offsets(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Packed mask [out, G] -> uint8 [out, G, N]: the column offset (0..M-1) of each kept value inside its group, in
-    increasing order (the order of the values)."""
-    out_f, groups = mask.shape
-    keep = decode_keep(mask, m).view(out_f, groups, m)
-    # Stable sort puts the kept columns first, in increasing column order.
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]
-    return order.to(torch.uint8).contiguous()
-
-
 def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, bias, m, in_features, out_features):
     out_f, groups, n = offsets.shape
     w = torch.zeros((out_f, groups, m), dtype=x.dtype, device=x.device)
@@ -120,5 +88,6 @@ def prepare_torch(values: torch.Tensor, mask: torch.Tensor, outlier_values: torc
         oi = (col + torch.arange(out_f, dtype=torch.int64, device=dev).mul_(in_features).view(out_f, 1, 1)
               ).reshape(-1)
         ov = outlier_values.to(act_dtype).reshape(-1).contiguous()
-    return {"wv": wv, "wm": keep_offsets(mask, n, m), "ov": ov, "oi": oi, "scale": None,
+    return {"wv": wv, "wm": fmt.kept_positions(mask, n, m).to(torch.uint8).contiguous(), "ov": ov, "oi": oi,
+            "scale": None,
             "shift": None if shift is None else shift.to(act_dtype).contiguous()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from vllm_nm16 import envs
+from vllm_nm16 import format as fmt
 
 POS_LUT16 = "lut16"
 POS_NIBBLE32 = "nibble32"
@@ -60,15 +61,6 @@ def lut_for(device: torch.device) -> torch.Tensor:
     return lut
 
 
-def mask_to_positions(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """signed int mask [out, G] -> int64 [out, G, n]: the kept columns of every group, increasing."""
-    bits = mask.to(torch.int64) & ((1 << m) - 1)
-    keep = ((bits.unsqueeze(-1) >> torch.arange(m, device=mask.device)) & 1).bool()
-    # Stable sort puts kept columns first, in increasing order.
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]
-    return order
-
-
 def repack(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tensor | None,
            outlier_index: torch.Tensor | None, *, n: int, m: int, outlier_block: int | None,
            outliers_per_block: int, pos_mode: str | None = None):
@@ -93,7 +85,7 @@ def repack(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tenso
         wm = mask.contiguous()
         lut_for(mask.device)
     else:
-        pos = mask_to_positions(mask, n, m)
+        pos = fmt.kept_positions(mask, n, m)
         if pos_mode == POS_NIBBLE32:
             word = (pos << (4 * torch.arange(n, device=pos.device))).sum(-1)
             wm = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
