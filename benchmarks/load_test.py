@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     if args.model:
         from vllm_nm16.compat import KV_CACHE_BYTES
-        from vllm_nm16.server import VLLMServer
+        from nm16_dev.server import VLLMServer
 
         extra = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--kv-cache-memory-bytes",
                  str(2 * KV_CACHE_BYTES), "--seed", str(args.seed), "--api-key", args.api_key,
