@@ -39,26 +39,24 @@ def alpha_or_none(text: str) -> float | None:
     return v
 
 
-def positive_int(text: str) -> int:
-    """``--nsamples`` / ``--seqlen`` / ``--blocksize`` / ``--threads`` value: an integer >= 1."""
+def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise ValueError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise ValueError(f"expected a positive integer, got {v}")
+        raise ValueError(f"expected {expected}, got {text!r}") from None
+    if v < low:
+        raise ValueError(f"expected {expected}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """``--nsamples`` / ``--seqlen`` / ``--blocksize`` / ``--threads`` value: an integer >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """``--reconstruct`` value: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise ValueError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise ValueError(f"expected an integer >= 0, got {v}")
-    return v
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _option(default: Any, help: str | None = None, **cli: Any) -> Any:
