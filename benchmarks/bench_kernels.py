@@ -157,12 +157,23 @@ def measure(args) -> dict:
                          "outliers": with_out, "scale": with_out, "kernel": kname,
                          "config": {"kernel": "gluon"} if kname == "gluon" else cfg,
                          "weight_copies": len(fulls)})
-        for vc in (json.loads(args.gluon_configs) if args.gluon_configs and M <= 64 else []):
-            v_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
-                                                     outliers_per_block=k, in_features=K, out_features=N,
-                                                     config=dict(vc, kernel="gluon")) for f in fulls])
-            rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us})
-            print(f"   variant {vc}: {v_us:.1f} us ({dense_us / v_us:.2f}x)", flush=True)
+        for vc in (json.loads(args.gluon_configs) if args.gluon_configs else []):
+            if vc.get("kernel", "gluon") == "gluon" and M > 64:
+                continue
+            try:
+                v_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
+                                                         outliers_per_block=k, in_features=K, out_features=N,
+                                                         config={"kernel": "gluon", **vc}) for f in fulls])
+                b_us = graph_us([lambda f=f: nm16_linear(x, f[0], f[1], None, None, None, None, None, n=8, m=16,
+                                                         outlier_block=None, outliers_per_block=0, in_features=K,
+                                                         out_features=N, config={"kernel": "gluon", **vc})
+                                 for f in fulls])
+            except Exception as e:  # noqa: BLE001
+                print(f"FAILED variant {vc}: {type(e).__name__}: {str(e)[:300]}")
+                v_us = b_us = float("nan")
+            rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us, "bare_us": b_us})
+            print(f"   variant {vc}: {v_us:.1f} us ({dense_us / v_us:.2f}x), bare {b_us:.1f} us "
+                  f"({dense_us / b_us:.2f}x)", flush=True)
         if kname == "gluon":  # the previous (Triton/scratch) kernel on the same call: "not slower than main"
             triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
                                                           outliers_per_block=k, in_features=K, out_features=N,
@@ -235,7 +246,9 @@ def main() -> None:
     ap.add_argument("--outliers-k", type=int, default=4)
     ap.add_argument("--outlier-block", type=int, default=256)
     ap.add_argument("--rep-ms", type=int, default=40)
-    ap.add_argument("--gluon-configs", default="", help="JSON list of Gluon launch configs to time too (M <= 64)")
+    ap.add_argument("--gluon-configs", default="",
+                    help="JSON list of launch configs to time too, e.g. {\"WK\": 4} (Gluon mma_v2 kernel, M <= 64) "
+                         "or {\"kernel\": \"wgmma\", \"BM\": 64, \"NW\": 8}")
     ap.add_argument("--graph-us", type=float, default=3000, help="target GPU time of one graph replay")
     args = ap.parse_args()
     if args.plot:

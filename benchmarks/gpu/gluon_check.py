@@ -24,7 +24,7 @@ def check(N, K, M, dtype, k, B, scale, shift, bias, cfg=None):
                            outliers_per_block=k)
     y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
     nm16_linear(x, v, mk, ov, oi, sc, sh, b, n=8, m=16, outlier_block=B if k else None, outliers_per_block=k,
-                in_features=K, out_features=N, config=dict(cfg or {}, kernel="gluon"), out=y)
+                in_features=K, out_features=N, config={"kernel": "gluon", **(cfg or {})}, out=y)
     torch.cuda.synchronize()
     err = float((y.double() - ref).norm() / ref.norm())
     return {"N": N, "K": K, "M": M, "dtype": str(dtype), "k": k, "B": B, "scale": scale, "shift": shift,
@@ -34,6 +34,7 @@ def check(N, K, M, dtype, k, B, scale, shift, bias, cfg=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kernel", default="gluon", choices=["gluon", "wgmma"])
     args = ap.parse_args()
     torch.manual_seed(0)
     bad = 0
@@ -50,6 +51,19 @@ def main():
                 {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
+    if args.kernel == "wgmma":  # the wgmma kernel: every M class it serves, configs, tails, both dtypes
+        cases = []
+        for (N, K) in [(4096, 4096), (1024, 14336), (576, 576), (192, 1536), (64, 160)]:
+            k, B = (4, 256) if K % 256 == 0 else (3, 192) if K % 192 == 0 else (0, 256)
+            for M in (1, 17, 33, 64, 100, 256, 300):
+                cases.append((N, K, M, torch.bfloat16, k, B, True, True, True, {"kernel": "wgmma"}))
+            for M in (40, 130):
+                cases.append((N, K, M, torch.float16, k, B, True, False, False, {"kernel": "wgmma"}))
+            cases.append((N, K, 64, torch.bfloat16, 0, B, False, False, False, {"kernel": "wgmma"}))
+        for cfg in ({"BM": 32, "NW": 4}, {"BM": 64, "NW": 4}, {"BM": 128, "NW": 8}, {"BM": 16, "NW": 8},
+                    {"BM": 128, "NW": 4}):
+            cases.append((2048, 4096, 77, torch.bfloat16, 4, 256, True, False, False, dict(cfg, kernel="wgmma")))
+            cases.append((2048, 4096, 200, torch.bfloat16, 0, 256, False, False, True, dict(cfg, kernel="wgmma")))
     for c in cases:
         try:
             r = check(*c)

@@ -37,6 +37,12 @@ def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch
         return fragment_linear(x2d, wv, wm, ov, oi, scale, shift, bias, outlier_block=outlier_block or 0,
                                outliers_per_block=outliers_per_block, in_features=in_features,
                                out_features=out_features, config=cfg, out=out)
+    if cfg["kernel"] == "wgmma":
+        from vllm_nm16.kernels.gluon_wgmma import wgmma_linear  # noqa: PLC0415  (lazy: Triton import)
+
+        return wgmma_linear(x2d, wv, wm, ov, oi, scale, shift, bias, outlier_block=outlier_block or 0,
+                            outliers_per_block=outliers_per_block, in_features=in_features,
+                            out_features=out_features, config=cfg, out=out)
     if cfg["kernel"] == "scratch":
         from vllm_nm16.kernels.scratch import scratch_linear  # noqa: PLC0415
 

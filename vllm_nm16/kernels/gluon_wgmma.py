@@ -1,0 +1,299 @@
+"""Gluon kernel for 8:16 at medium M (17..256 tokens): the fragment decode of gluon_nm16.py feeding ``wgmma``.
+
+Why a second kernel: the mma_v2 kernel keeps x in registers (the B operand), which at 32+ tokens costs 64+ registers
+per warp and re-decodes W for every 32-token block. ``wgmma`` reads B from shared memory once per warpgroup, so one
+CTA decodes each W element once for up to ``BM`` = 256 tokens.
+
+One CTA = ``NW`` warps (1 or 2 warpgroups) = ``16 * NW`` output rows, one block of ``BM`` tokens (the wgmma N).
+Per K step (128 columns):
+
+* W: each lane loads, straight from the on-disk tensors, 2 x 16 B of kept values per row (groups 2t, 2t+1 of rows g
+  and g+8 of its warp) and one int32 of masks; the PTX stream decode (fragment.decode_asm) turns them into the A
+  registers of the step (K permuted inside each 64-column tile, exactly as in gluon_nm16.py: every conversion is
+  ``assert_trivial``).
+* x: the CTA's threads load the x tile [BM, 128] (16-byte vectors, coalesced), permute K in registers the same way,
+  and store it into one of three shared-memory buffers (NVMMA-swizzled), one step ahead of its use.
+* ``warpgroup_mma(A from registers, x tile from shared memory)``, asynchronous: the tensor cores multiply step i
+  while the warps decode step i + 1. Three x buffers make one CTA barrier per step enough: buffer (i + 1) % 3 was
+  last read by the wgmma of step i - 2, which every warpgroup waited for before the previous step's barrier.
+
+Outliers (k per row and block of OB columns) are exact in fp32 on the CUDA cores after the main loop, in chunks of
+16 tokens (the scaled main result waits in shared memory); epilogue ``y = scale * acc + acc_outliers + shift +
+bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
+                                                                  warpgroup_mma_wait)
+
+from vllm_nm16.kernels import fragment as fr
+from vllm_nm16.kernels.gluon_nm16 import _ASM, _table, _to_half
+
+MIN_M, MAX_M = 17, 256
+TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
+
+
+def _lg(v: int) -> int:
+    return v.bit_length() - 1
+
+
+def make_layouts(NW: int, BM: int):
+    """acc (wgmma), A operand, W values [R, 2 tiles, 4 lanes t, 4 words], masks [R, 2, 4], x words [BM, 2, 4, 8],
+    outlier pass [R, OC, TB], the x buffers' shared layout."""
+    R = 16 * NW
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BM, 16])
+    a_l = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+    warps = [[16 << i, 0, 0, 0] for i in range(_lg(NW))]
+    lane5 = [[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
+    vl = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [8, 0, 0, 0], [0, 1, 0, 0]],
+                                    lane_bases=lane5, warp_bases=warps, block_bases=[], shape=[R, 2, 4, 4])
+    gl4 = gl.DistributedLinearLayout(reg_bases=[[8, 0, 0], [0, 1, 0]], lane_bases=[b[:3] for b in lane5],
+                                     warp_bases=[b[:3] for b in warps], block_bases=[], shape=[R, 2, 4])
+    # x words: 4 consecutive words (16 B) per register quad; 16 lanes cover one token row's 64 words of the step
+    # (word offset 16 t + 8 tile + j), lane bit 4 and the warps walk tokens, the rest of the tokens in registers.
+    tok_lane_warp = 2 * NW
+    xreg = [[0, 0, 0, 1], [0, 0, 0, 2]] + [[tok_lane_warp << i, 0, 0, 0] for i in range(_lg(BM // tok_lane_warp))]
+    xl = gl.DistributedLinearLayout(reg_bases=xreg,
+                                    lane_bases=[[0, 0, 0, 4], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0]],
+                                    warp_bases=[[2 << i, 0, 0, 0] for i in range(_lg(NW))], block_bases=[],
+                                    shape=[BM, 2, 4, 8])
+    ol = gl.BlockedLayout(size_per_thread=[1, 1, TB], threads_per_warp=[8, 4, 1], warps_per_cta=[NW, 1, 1],
+                          order=[2, 1, 0])
+    xs = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    return acc, a_l, vl, gl4, xl, ol, xs
+
+
+@gluon.jit
+def _ar4(n: gl.constexpr, dim: gl.constexpr, L: gl.constexpr):
+    """arange(n) along ``dim`` of the rank-4 layout ``L``, expanded to rank 4."""
+    if dim == 0:
+        return gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))[:, None, None, None]
+    elif dim == 1:
+        return gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))[None, :, None, None]
+    elif dim == 2:
+        return gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))[None, None, :, None]
+    else:
+        return gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))[None, None, None, :]
+
+
+@gluon.jit
+def _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, i, K, EVEN_K: gl.constexpr):
+    if EVEN_K:
+        v = gl.load(wv_ptr + (v_off + i * 32))
+        mk = gl.load(wm_ptr + (m_off + i * 4))
+    else:
+        v = gl.load(wv_ptr + (v_off + i * 32), mask=(col_v + i * 128) < K, other=0)
+        mk = gl.load(wm_ptr + (m_off + i * 4), mask=(col_m + i * 128) < K, other=0)
+    return v, mk
+
+
+@gluon.jit
+def _load_x(xw_ptr, x_off, col_x, x_row_ok, i, K, EVEN_X: gl.constexpr):
+    if EVEN_X:
+        return gl.load(xw_ptr + (x_off + i * 64))
+    else:
+        return gl.load(xw_ptr + (x_off + i * 64), mask=x_row_ok & ((col_x + i * 128) < K), other=0)
+
+
+@gluon.jit
+def _stage_x(buf, xx, BM: gl.constexpr, DT: gl.constexpr):
+    """x words [BM, tile, T, 8] -> the step's K order (tile, S1, S0, H, T, E; word j = 4 S1 + 2 S0 + H), into smem."""
+    xh = _to_half(xx, DT)                                   # [BM, tile, T, 8 words, E]
+    x7 = gl.reshape(xh, [BM, 2, 4, 2, 2, 2, 2])
+    x7 = gl.permute(x7, [0, 1, 3, 4, 5, 2, 6])              # [BM, tile, S1, S0, H, T, E]
+    buf.store(gl.reshape(x7, [BM, 128]))
+
+
+@gluon.jit
+def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.constexpr, gl4: gl.constexpr,
+            a_l: gl.constexpr):
+    """One K step of this warp's 16 rows (2 tiles) -> the A operand [R, 128] (gluon_nm16._mma_step without WK)."""
+    v5 = gl.reshape(v, [R, 2, 4, 2, 2])
+    va, vb = gl.split(v5)               # va = words (0, 2), vb = words (1, 3)
+    v0, v2 = gl.split(va)
+    v1, v3 = gl.split(vb)
+    tile = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl4)))[None, :, None]
+    m4 = gl.convert_layout(gl.expand_dims(mk, 1) >> (tile * 16), v0.type.layout, assert_trivial=True)
+    o = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r",
+                                  [v0, v1, v2, v3, m4, gl.convert_layout(tab_cl, v0.type.layout, assert_trivial=True),
+                                   gl.convert_layout(tab_kk, v0.type.layout, assert_trivial=True)],
+                                  dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+    r = gl.join(gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3])), gl.join(gl.join(o[4], o[5]), gl.join(o[6], o[7])))
+    d = _to_half(r, DT)                                     # [R, tile, T, H, S0, S1, E]
+    d = gl.permute(d, [0, 1, 5, 4, 3, 2, 6])                # [R, tile, S1, S0, H, T, E]
+    return gl.convert_layout(gl.reshape(d, [R, 128]), a_l, assert_trivial=True)
+
+
+@gluon.jit
+def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
+                      y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
+                      ASM: gl.constexpr, DT: gl.constexpr, NW: gl.constexpr, BM: gl.constexpr,
+                      EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, OB: gl.constexpr,
+                      OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr,
+                      xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr):
+    R: gl.constexpr = 16 * NW
+    rb = gl.program_id(0)
+    m0 = gl.program_id(1) * BM
+    ml: gl.constexpr = gl.SliceLayout(1, gl4)
+    # W offsets (int32 words): values row * K/4 + step * 32 + group * 4 + word; masks row * K/32 + step * 4 + t
+    row_v = rb * R + _ar4(R, 0, vl)
+    grp_v = _ar4(4, 2, vl) * 2 + _ar4(2, 1, vl)
+    v_off = row_v * (K // 4) + grp_v * 4 + _ar4(4, 3, vl)
+    col_v = grp_v * 16 + row_v * 0
+    row_m = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, ml))[:, None]
+    t_m = gl.arange(0, 4, layout=gl.SliceLayout(0, ml))[None, :]
+    m_off = row_m * (K // 32) + t_m
+    col_m = t_m * 32 + row_m * 0
+    # x offsets (int32 words): token * XS/2 + step * 64 + t * 16 + tile * 8 + word
+    m_x = m0 + _ar4(BM, 0, xl)
+    cw_x = _ar4(4, 2, xl) * 16 + _ar4(2, 1, xl) * 8 + _ar4(8, 3, xl)
+    x_off = m_x * (XS // 2) + cw_x
+    col_x = cw_x * 2 + m_x * 0
+    x_row_ok = m_x < M
+    # The decode's table words, loaded per thread through an offset that is 0 (N + K < 2**30, can_implement) but
+    # varies by thread as far as the compilers know: a uniform load lands in uniform registers, which ptxas then
+    # copies into a regular register before every prmt (+2 instructions per kept value).
+    lane0 = (gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl4)))[:, None, None] + K) >> 30
+    lane0 = lane0 + gl.zeros([R, 2, 4], gl.int32, layout=gl4)
+    tab_cl = gl.load(tab_ptr + lane0)
+    tab_kk = gl.load(tab_ptr + 1 + lane0)
+
+    xs = gl.allocate_shared_memory(DT, [3, BM, 128], xs_l)
+    _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, 0, K, EVEN_X), BM, DT)
+    fence_async_shared()
+    gl.thread_barrier()
+    v, mk = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, 0, K, EVEN_K)
+    acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
+    for i in range(S):
+        # next step's W and x (past the end on the last trip: re-read the last step, unused)
+        nxt = gl.minimum(i + 1, S - 1)
+        vn, mkn = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, nxt, K, EVEN_K)
+        xn = _load_x(xw_ptr, x_off, col_x, x_row_ok, nxt, K, EVEN_X)
+        a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc = warpgroup_mma(a, xs.index(i % 3).permute((1, 0)), acc, is_async=True)
+        _stage_x(xs.index((i + 1) % 3), xn, BM, DT)
+        fence_async_shared()
+        gl.thread_barrier()
+        v = vn
+        mk = mkn
+    acc = warpgroup_mma_wait(0, deps=[acc])
+
+    rows = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, acc_l))
+    if HAS_SCALE:
+        acc = acc * gl.load(scale_ptr + rows)[:, None]
+    if HAS_OUT:
+        # the scaled main result waits in shared memory; outliers per chunk of TB tokens (registers: TB per slot)
+        el: gl.constexpr = gl.SliceLayout(1, ol)
+        res_s = gl.allocate_shared_memory(gl.float32, [R, BM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        res_s.store(acc)
+        gl.thread_barrier()
+        OC: gl.constexpr = 4
+        r_o = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, ol)))[:, None]
+        c_o = gl.arange(0, OC, layout=gl.SliceLayout(0, gl.SliceLayout(2, ol)))[None, :]
+        rows_e = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, el))
+        n_chunks = (NO + OC - 1) // OC
+        for tb in gl.static_range(BM // TB):
+            m_o = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
+            acc_o = gl.zeros([R, OC, TB], gl.float32, layout=ol)
+            for c in range(n_chunks):
+                slot = c * OC + c_o
+                ok = (slot + r_o * 0) < NO
+                ov = gl.load(ov_ptr + r_o * NO + slot, mask=ok, other=0)
+                oi = gl.load(oi_ptr + r_o * NO + slot, mask=ok, other=0)
+                col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
+                xg = gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
+                acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
+            res = res_s.slice(tb * TB, TB, dim=1).load(el) + gl.sum(acc_o, axis=1)
+            toks = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, el))
+            if HAS_SHIFT:
+                res = res + gl.load(shift_ptr + rows_e)[:, None]
+            if HAS_BIAS:
+                res = res + gl.load(bias_ptr + rows_e)[:, None].to(gl.float32)
+            ptr = y_ptr + toks[None, :] * stride_ym + rows_e[:, None]
+            gl.store(ptr, res.to(y_ptr.dtype.element_ty), mask=(toks[None, :] + rows_e[:, None] * 0) < M)
+    else:
+        toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l))
+        if HAS_SHIFT:
+            acc = acc + gl.load(shift_ptr + rows)[:, None]
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_ptr + rows)[:, None].to(gl.float32)
+        ptr = y_ptr + toks[None, :] * stride_ym + rows[:, None]
+        gl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=(toks[None, :] + rows[:, None] * 0) < M)
+
+
+# ------------------------------------------------------------------------------------------------------ launcher
+_LAYOUTS: dict = {}
+
+
+def layouts(NW: int, BM: int):
+    if (NW, BM) not in _LAYOUTS:
+        _LAYOUTS[(NW, BM)] = make_layouts(NW, BM)
+    return _LAYOUTS[(NW, BM)]
+
+
+def pick_config(M: int, N: int, K: int) -> dict:
+    """Launch shape by M class: BM = the smallest of 32 / 64 / 128 that holds M (larger M: several token blocks),
+    NW = 8 warps (128 rows) where N allows it."""
+    BM = 32 if M <= 32 else 64 if M <= 64 else 128
+    NW = 8 if N % 128 == 0 else 4
+    return {"BM": BM, "NW": NW}
+
+
+def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
+                  wm: torch.Tensor) -> tuple[bool, str]:
+    if (n, m) != (8, 16):
+        return False, f"{n}:{m} (8:16 only)"
+    if x.dtype not in (torch.bfloat16, torch.float16) or wv.dtype != x.dtype:
+        return False, f"activations {x.dtype} / values {wv.dtype} (bf16 or fp16, equal)"
+    if wm.dtype != torch.int16:
+        return False, "mask not in the on-disk int16 layout"
+    if N + K >= 2**30:
+        return False, f"N + K = {N + K} >= 2**30"
+    if N % 64 or K % 32:
+        return False, f"N={N} (multiple of 64) / K={K} (multiple of 32)"
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False, "needs an sm_90 GPU (wgmma)"
+    return True, ""
+
+
+def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, scale, shift, bias, *,
+                 outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
+                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` (as gluon_nm16.fragment_linear) for any M; tuned
+    for M 17..256."""
+    M, K = x2d.shape
+    N = out_features
+    ok, why = can_implement(M, N, K, 8, 16, x2d, wv, wm)
+    if ok and (tuple(wv.shape) != (N, K // 2) or tuple(wm.shape) != (N, K // 16)):
+        ok, why = False, f"values {tuple(wv.shape)} / mask {tuple(wm.shape)} are not an 8:16 layer of {N} x {K}"
+    if not ok:
+        raise ValueError(f"nm16 wgmma kernel: {why}")
+    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
+    if M == 0:
+        return y
+    cfg = pick_config(M, N, K)
+    cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
+    BM, NW = cfg["BM"], cfg["NW"]
+    S = -(-K // fr.STEP_COLS)
+    has_out = bool(outliers_per_block)
+    DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
+    NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
+    even_k = K % fr.STEP_COLS == 0
+    nm16_wgmma_kernel[(N // (16 * NW), -(-M // BM))](
+        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
+        ov if has_out else y, oi if has_out else y, scale if scale is not None else y,
+        shift if shift is not None else y, bias if bias is not None else y, y,
+        M, N, K, S, y.stride(0), NO, x2d.stride(0),
+        _ASM, DT, NW, BM, even_k, even_k and M % BM == 0,
+        has_out, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
+        scale is not None, shift is not None, bias is not None,
+        *layouts(NW, BM), num_warps=NW)
+    return y
