@@ -93,5 +93,7 @@ def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
 def prepare_device(device: torch.device) -> None:
     """Make the Gluon kernel's constant tables on ``device`` (once per device, before any CUDA-graph capture)."""
     from vllm_nm16.kernels.gluon_nm16 import prepare_device as _prepare  # noqa: PLC0415
+    from vllm_nm16.kernels.gluon_wgmma import prepare_device as _prepare_wgmma  # noqa: PLC0415
 
     _prepare(device)
+    _prepare_wgmma(device)

@@ -43,7 +43,7 @@ def _lg(v: int) -> int:
 
 def make_layouts(NW: int, BM: int):
     """acc (wgmma), A operand, W values [R, 2 tiles, 4 lanes t, 4 words], masks [R, 2, 4], x words [BM, 2, 4, 8],
-    outlier pass [R, OC, TB], the x buffers' shared layout."""
+    outlier pass [R, OC, TB], the x buffers' shared layout, the split-K fix-up [R, BM]."""
     R = 16 * NW
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BM, 16])
     a_l = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
@@ -64,7 +64,9 @@ def make_layouts(NW: int, BM: int):
     ol = gl.BlockedLayout(size_per_thread=[1, 1, TB], threads_per_warp=[8, 4, 1], warps_per_cta=[NW, 1, 1],
                           order=[2, 1, 0])
     xs = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    return acc, a_l, vl, gl4, xl, ol, xs
+    # split-K fix-up: partials [R rows, BM tokens] fp32, rows contiguous in the workspace and in y
+    fl = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2], warps_per_cta=[1, NW], order=[0, 1])
+    return acc, a_l, vl, gl4, xl, ol, xs, fl
 
 
 @gluon.jit
@@ -130,15 +132,19 @@ def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.co
 
 @gluon.jit
 def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                      y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
-                      ASM: gl.constexpr, DT: gl.constexpr, NW: gl.constexpr, BM: gl.constexpr,
+                      y_ptr, ws_ptr, cnt_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
+                      ASM: gl.constexpr, DT: gl.constexpr, NW: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
                       EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, OB: gl.constexpr,
                       OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
                       acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr,
-                      xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr):
+                      xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr):
     R: gl.constexpr = 16 * NW
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
+    # split-K across CTAs: this CTA's K steps [i0, i1) (SPLIT > 1: the CTAs of a tile meet in ws, see the end)
+    sk = gl.program_id(2)
+    i0 = (sk * S) // SPLIT
+    i1 = ((sk + 1) * S) // SPLIT
     ml: gl.constexpr = gl.SliceLayout(1, gl4)
     # W offsets (int32 words): values row * K/4 + step * 32 + group * 4 + word; masks row * K/32 + step * 4 + t
     row_v = rb * R + _ar4(R, 0, vl)
@@ -164,20 +170,20 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     tab_kk = gl.load(tab_ptr + 1 + lane0)
 
     xs = gl.allocate_shared_memory(DT, [3, BM, 128], xs_l)
-    _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, 0, K, EVEN_X), BM, DT)
+    _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, i0, K, EVEN_X), BM, DT)
     fence_async_shared()
     gl.thread_barrier()
-    v, mk = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, 0, K, EVEN_K)
+    v, mk = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, i0, K, EVEN_K)
     acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
-    for i in range(S):
+    for i in range(i0, i1):
         # next step's W and x (past the end on the last trip: re-read the last step, unused)
-        nxt = gl.minimum(i + 1, S - 1)
+        nxt = gl.minimum(i + 1, i1 - 1)
         vn, mkn = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, nxt, K, EVEN_K)
         xn = _load_x(xw_ptr, x_off, col_x, x_row_ok, nxt, K, EVEN_X)
         a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        acc = warpgroup_mma(a, xs.index(i % 3).permute((1, 0)), acc, is_async=True)
-        _stage_x(xs.index((i + 1) % 3), xn, BM, DT)
+        acc = warpgroup_mma(a, xs.index((i - i0) % 3).permute((1, 0)), acc, is_async=True)
+        _stage_x(xs.index((i - i0 + 1) % 3), xn, BM, DT)
         fence_async_shared()
         gl.thread_barrier()
         v = vn
@@ -188,47 +194,100 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     if HAS_SCALE:
         acc = acc * gl.load(scale_ptr + rows)[:, None]
     if HAS_OUT:
-        # the scaled main result waits in shared memory; outliers per chunk of TB tokens (registers: TB per slot)
+        # Outliers of this CTA's columns [i0 * 128, i1 * 128), per chunk of TB tokens (registers: TB per slot); the
+        # scaled main result waits in shared memory.
         el: gl.constexpr = gl.SliceLayout(1, ol)
         res_s = gl.allocate_shared_memory(gl.float32, [R, BM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         res_s.store(acc)
         gl.thread_barrier()
         OC: gl.constexpr = 4
+        c_lo = i0 * 128
+        c_hi = gl.minimum(i1 * 128, K)
+        s_lo = (c_lo // OB) * OK
+        s_hi = gl.minimum(((c_hi + OB - 1) // OB) * OK, NO)
         r_o = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, ol)))[:, None]
         c_o = gl.arange(0, OC, layout=gl.SliceLayout(0, gl.SliceLayout(2, ol)))[None, :]
         rows_e = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, el))
-        n_chunks = (NO + OC - 1) // OC
+        n_chunks = (s_hi - s_lo + OC - 1) // OC
         for tb in gl.static_range(BM // TB):
             m_o = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
             acc_o = gl.zeros([R, OC, TB], gl.float32, layout=ol)
+            slot = s_lo + c_o + r_o * 0
+            ov = gl.load(ov_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
+            oi = gl.load(oi_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
             for c in range(n_chunks):
-                slot = c * OC + c_o
-                ok = (slot + r_o * 0) < NO
-                ov = gl.load(ov_ptr + r_o * NO + slot, mask=ok, other=0)
-                oi = gl.load(oi_ptr + r_o * NO + slot, mask=ok, other=0)
+                # (the next chunk's slots load while this one's x is gathered)
+                slot_n = slot + OC
+                ov_n = gl.load(ov_ptr + r_o * NO + slot_n, mask=slot_n < s_hi, other=0)
+                oi_n = gl.load(oi_ptr + r_o * NO + slot_n, mask=slot_n < s_hi, other=0)
                 col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
+                ok = (slot < s_hi) & (col >= c_lo) & (col < c_hi)
                 xg = gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
                 acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
+                slot = slot_n
+                ov = ov_n
+                oi = oi_n
             res = res_s.slice(tb * TB, TB, dim=1).load(el) + gl.sum(acc_o, axis=1)
             toks = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, el))
-            if HAS_SHIFT:
-                res = res + gl.load(shift_ptr + rows_e)[:, None]
-            if HAS_BIAS:
-                res = res + gl.load(bias_ptr + rows_e)[:, None].to(gl.float32)
-            ptr = y_ptr + toks[None, :] * stride_ym + rows_e[:, None]
-            gl.store(ptr, res.to(y_ptr.dtype.element_ty), mask=(toks[None, :] + rows_e[:, None] * 0) < M)
+            if SPLIT == 1:
+                _epilogue(res, rows_e, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+            else:
+                gl.store(ws_ptr + (sk * M + toks[None, :]) * N + rows_e[:, None], res,
+                         mask=(toks[None, :] + rows_e[:, None] * 0) < M)
     else:
         toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l))
-        if HAS_SHIFT:
-            acc = acc + gl.load(shift_ptr + rows)[:, None]
-        if HAS_BIAS:
-            acc = acc + gl.load(bias_ptr + rows)[:, None].to(gl.float32)
-        ptr = y_ptr + toks[None, :] * stride_ym + rows[:, None]
-        gl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=(toks[None, :] + rows[:, None] * 0) < M)
+        if SPLIT == 1:
+            _epilogue(acc, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+        else:
+            gl.store(ws_ptr + (sk * M + toks[None, :]) * N + rows[:, None], acc,
+                     mask=(toks[None, :] + rows[:, None] * 0) < M)
+    if SPLIT > 1:
+        # Serial fix-up: the last CTA of the tile to finish sums the SPLIT partials in a fixed order (deterministic)
+        # and writes y; it then resets the tile's counter for the next call (no memset, CUDA-graph safe).
+        gl.thread_barrier()
+        tile = rb * gl.num_programs(1) + gl.program_id(1)
+        done = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            rows_f = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, fl))
+            toks_f = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, fl))
+            off = toks_f[None, :] * N + rows_f[:, None]
+            ok_f = (toks_f[None, :] + rows_f[:, None] * 0) < M
+            tot = gl.zeros([R, BM], gl.float32, layout=fl)
+            for q in gl.static_range(SPLIT):
+                tot += gl.load(ws_ptr + q * M * N + off, mask=ok_f, other=0.0, cache_modifier=".cg")
+            _epilogue(tot, rows_f, toks_f, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+            gl.store(cnt_ptr + tile, 0)
+
+
+@gluon.jit
+def _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT: gl.constexpr,
+              HAS_BIAS: gl.constexpr):
+    """y[toks, rows] = res + shift + bias (res: [rows, toks] fp32, scale and outliers already in)."""
+    if HAS_SHIFT:
+        res = res + gl.load(shift_ptr + rows)[:, None]
+    if HAS_BIAS:
+        res = res + gl.load(bias_ptr + rows)[:, None].to(gl.float32)
+    ptr = y_ptr + toks[None, :] * stride_ym + rows[:, None]
+    gl.store(ptr, res.to(y_ptr.dtype.element_ty), mask=(toks[None, :] + rows[:, None] * 0) < M)
 
 
 # ------------------------------------------------------------------------------------------------------ launcher
 _LAYOUTS: dict = {}
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """The split-K tile counters on ``device``: zeros, made once before any CUDA-graph capture (prepare_device); every
+    call leaves them at zero (the last CTA of a tile resets its counter)."""
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def prepare_device(device: torch.device) -> None:
+    _table(device)
+    _counters(device)
 
 
 def layouts(NW: int, BM: int):
@@ -237,12 +296,22 @@ def layouts(NW: int, BM: int):
     return _LAYOUTS[(NW, BM)]
 
 
+# CTAs the chip should have at once: 132 SMs x 2 (the launch shapes below hold ~150 registers per thread, 2-3
+# CTAs of 4 warps per SM).
+_CTAS_TO_FILL = 132 * 2
+MAX_TILES = 1 << 16  # split-K counters per device (one per output tile of a call)
+
+
 def pick_config(M: int, N: int, K: int) -> dict:
-    """Launch shape by M class: BM = the smallest of 32 / 64 / 128 that holds M (larger M: several token blocks),
-    NW = 8 warps (128 rows) where N allows it."""
+    """Launch shape by M class: BM (tokens per CTA, the wgmma N) = the smallest of 32 / 64 / 128 that holds M (larger
+    M: several token blocks); NW = 4 warps (64 rows: the most row tiles); SPLIT = CTAs per tile along K so that the
+    tiles x SPLIT CTAs fill the chip (at least 4 K steps each)."""
     BM = 32 if M <= 32 else 64 if M <= 64 else 128
-    NW = 8 if N % 128 == 0 else 4
-    return {"BM": BM, "NW": NW}
+    NW = 4
+    tiles = (N // (16 * NW)) * -(-M // BM)
+    steps = -(-K // fr.STEP_COLS)
+    split = max(1, min(steps // 4, round(_CTAS_TO_FILL / tiles)))
+    return {"BM": BM, "NW": NW, "SPLIT": split if tiles <= MAX_TILES else 1}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
@@ -283,16 +352,21 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, NW = cfg["BM"], cfg["NW"]
     S = -(-K // fr.STEP_COLS)
+    split = max(1, min(cfg["SPLIT"], S))
+    grid = (N // (16 * NW), -(-M // BM), split)
+    if grid[0] * grid[1] > MAX_TILES:
+        split, grid = 1, grid[:2] + (1,)
     has_out = bool(outliers_per_block)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0
-    nm16_wgmma_kernel[(N // (16 * NW), -(-M // BM))](
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
+    nm16_wgmma_kernel[grid](
         x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
         ov if has_out else y, oi if has_out else y, scale if scale is not None else y,
-        shift if shift is not None else y, bias if bias is not None else y, y,
+        shift if shift is not None else y, bias if bias is not None else y, y, ws, _counters(x2d.device),
         M, N, K, S, y.stride(0), NO, x2d.stride(0),
-        _ASM, DT, NW, BM, even_k, even_k and M % BM == 0,
+        _ASM, DT, NW, BM, split, even_k, even_k and M % BM == 0,
         has_out, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         scale is not None, shift is not None, bias is not None,
         *layouts(NW, BM), num_warps=NW)
