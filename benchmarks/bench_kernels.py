@@ -48,7 +48,7 @@ def parse_shapes(spec: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def kernel_name(N: int, K: int, M: int, B: int) -> str:
+def kernel_name(N: int, K: int, M: int, B: int | None) -> str:
     """The kernel nm16_linear runs for this call (the plugin's own choice, kernels.choose_config)."""
     import torch
 
@@ -57,7 +57,7 @@ def kernel_name(N: int, K: int, M: int, B: int) -> str:
     x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     wv = torch.empty(0, device="cuda", dtype=torch.bfloat16)
     wm = torch.empty(0, device="cuda", dtype=torch.int16)
-    return choose_config(x, wv, wm, n=8, m=16, out_features=N, outlier_block=B)["kernel"]
+    return choose_config(x, wv, wm, n=8, m=16, out_features=N, outlier_block=B)["kernel"]  # B None: no outliers
 
 
 def measure(args) -> dict:
@@ -130,6 +130,7 @@ def measure(args) -> dict:
         del Ws
         cfg = pick_config(N, K, M, outlier_block=B)
         kname = kernel_name(N, K, M, B)
+        kname_bare = kernel_name(N, K, M, None)
         triton_us = None
         fulls = [full] + [tuple(t.clone() for t in full) for _ in range(copies_for(N * K * 1.125) - 1)]
         for with_out in (True, False):
@@ -154,8 +155,8 @@ def measure(args) -> dict:
                          "floor_us": floor_us, "pct_of_floor": 100 * floor_us / us,
                          "dense_pct_of_floor": 100 * max((2 * N * K + 2 * M * (K + N)) / bw,
                                                          2 * M * N * K / flops) * 1e6 / dense_us,
-                         "outliers": with_out, "scale": with_out, "kernel": kname,
-                         "config": {"kernel": "gluon"} if kname == "gluon" else cfg,
+                         "outliers": with_out, "scale": with_out, "kernel": kname if with_out else kname_bare,
+                         "config": {"kernel": kname} if kname in ("gluon", "wgmma") else cfg,
                          "weight_copies": len(fulls)})
         for vc in (json.loads(args.gluon_configs) if args.gluon_configs else []):
             if vc.get("kernel", "gluon") == "gluon" and M > 64:
@@ -174,7 +175,7 @@ def measure(args) -> dict:
             rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us, "bare_us": b_us})
             print(f"   variant {vc}: {v_us:.1f} us ({dense_us / v_us:.2f}x), bare {b_us:.1f} us "
                   f"({dense_us / b_us:.2f}x)", flush=True)
-        if kname == "gluon":  # the previous (Triton/scratch) kernel on the same call: "not slower than main"
+        if kname in ("gluon", "wgmma"):  # the previous (Triton/scratch) kernel on the same call: "not slower than main"
             triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
                                                           outliers_per_block=k, in_features=K, out_features=N,
                                                           config=cfg) for f in fulls])

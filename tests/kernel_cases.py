@@ -84,6 +84,22 @@ GLUON_CASES = [
     ("gluon_m300_bf16_all_k160", 8, 16, 48, 160, 300, "bfloat16", (32, 2), True, True, True, None, GLUON),
     ("gluon_m1024_bf16_out", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None, GLUON),
 ]
+# The wgmma kernel (sm_90), forced: every M class incl. several token blocks, K tails, split-K (auto and forced,
+# counters reused across cases), 4 and 8 warps, both dtypes.
+WGMMA = {"kernel": "wgmma"}
+WGMMA_CASES = [
+    ("wgmma_m1_bf16_out_scale", 8, 16, 256, 4096, 1, "bfloat16", (256, 4), True, False, False, None, WGMMA),
+    ("wgmma_m17_bf16_all", 8, 16, 1024, 4096, 17, "bfloat16", (256, 4), True, True, True, None, WGMMA),
+    ("wgmma_m33_fp16_all_k576", 8, 16, 192, 576, 33, "float16", (192, 3), True, True, True, None, WGMMA),
+    ("wgmma_m64_bf16_scale_split8", 8, 16, 512, 4096, 64, "bfloat16", None, True, False, False, None,
+     dict(WGMMA, SPLIT=8)),
+    ("wgmma_m100_bf16_all_nw8", 8, 16, 256, 2048, 100, "bfloat16", (256, 4), True, True, True, None,
+     dict(WGMMA, NW=8, SPLIT=3)),
+    ("wgmma_m256_fp16_out", 8, 16, 128, 1024, 256, "float16", (64, 1), False, False, False, None, WGMMA),
+    ("wgmma_m300_bf16_all_k160", 8, 16, 64, 160, 300, "bfloat16", (32, 2), True, True, True, None, WGMMA),
+    ("wgmma_m1024_bf16_out_bm32", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None,
+     dict(WGMMA, BM=32)),
+]
 
 
 def run_case(case, device: str) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_cases import CASES, GLUON_CASES, REL_ERR_BOUND, run_case  # noqa: E402
+from kernel_cases import CASES, GLUON_CASES, REL_ERR_BOUND, WGMMA_CASES, run_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE_IDS = [c[0] for c in CASES]
@@ -85,6 +85,14 @@ def test_gpu_gluon_matches_float64(name):
 
 
 @needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs sm_90")
+@pytest.mark.parametrize("name", [c[0] for c in WGMMA_CASES])
+def test_gpu_wgmma_matches_float64(name):
+    r = run_case(next(c for c in WGMMA_CASES if c[0] == name), "cuda")
+    assert r["finite"] and r["rel_err"] <= r["bound"], r
+
+
+@needs_cuda
 def test_gpu_gluon_refuses_what_it_cannot_run():
     from vllm_nm16.kernels import nm16_linear
     from nm16_dev.kernel_testing import layer_args, random_layer
@@ -98,7 +106,7 @@ def test_gpu_gluon_refuses_what_it_cannot_run():
 
 
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 2, 16, 17, 32, 64, 300])
+@pytest.mark.parametrize("M", [1, 2, 16, 17, 32, 64, 100, 300])
 def test_gpu_llama_shape_and_cuda_graph(M):
     from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear
     from vllm_nm16.kernels import nm16_linear, repack

@@ -10,9 +10,10 @@ the traced graph, so nothing is read from the environment per call.
 =========  ======================================================================================================
 backend    what it runs
 =========  ======================================================================================================
-``gluon``  CUDA: the Gluon fragment kernel (kernels/gluon_nm16.py; 8:16, bf16/fp16, sm_80+, M <= 32) and the
-           Triton kernels for everything else (other N:M, fp32, large M via decode-to-scratch + cuBLAS). Both read
-           the same resident tensors, so the per-call choice by M costs nothing.
+``gluon``  CUDA: the Gluon fragment kernels (8:16, bf16/fp16: kernels/gluon_nm16.py mma_v2, sm_80+, M <= 32;
+           kernels/gluon_wgmma.py wgmma, sm_90, M 17..64, 128 without outliers) and the Triton kernels for
+           everything else (other N:M, fp32, large M via decode-to-scratch + cuBLAS). All read the same resident
+           tensors, so the per-call choice by M costs nothing.
 ``triton`` CUDA: the Triton kernels only (the pre-Gluon path; GPUs where Gluon cannot run, and A/B checks).
 ``torch``  any device: PyTorch, weights packed in memory, a dense weight rebuilt per call (correct, not fast; the
            CPU path and the reference the GPU checks compare the kernels with).
@@ -72,7 +73,7 @@ class Backend:
 
 
 class GPUKernels(Backend):
-    """The CUDA kernels (Triton; with ``gluon`` also the Gluon fragment kernel at small M)."""
+    """The CUDA kernels (Triton; with ``gluon`` also the Gluon fragment kernels at small and medium M)."""
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -33,7 +33,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from vllm_nm16.kernels import fragment as fr
 from vllm_nm16.kernels.gluon_nm16 import _ASM, _table, _to_half
 
-MIN_M, MAX_M = 17, 256
 TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
 
 
@@ -61,7 +60,7 @@ def make_layouts(NW: int, BM: int):
                                     lane_bases=[[0, 0, 0, 4], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0]],
                                     warp_bases=[[2 << i, 0, 0, 0] for i in range(_lg(NW))], block_bases=[],
                                     shape=[BM, 2, 4, 8])
-    ol = gl.BlockedLayout(size_per_thread=[1, 1, TB], threads_per_warp=[8, 4, 1], warps_per_cta=[NW, 1, 1],
+    ol = gl.BlockedLayout(size_per_thread=[1, 1, TB], threads_per_warp=[16, 2, 1], warps_per_cta=[NW, 1, 1],
                           order=[2, 1, 0])
     xs = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # split-K fix-up: partials [R rows, BM tokens] fp32, rows contiguous in the workspace and in y
@@ -200,7 +199,7 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
         res_s = gl.allocate_shared_memory(gl.float32, [R, BM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         res_s.store(acc)
         gl.thread_barrier()
-        OC: gl.constexpr = 4
+        OC: gl.constexpr = 2
         c_lo = i0 * 128
         c_hi = gl.minimum(i1 * 128, K)
         s_lo = (c_lo // OB) * OK
@@ -210,23 +209,18 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
         rows_e = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, el))
         n_chunks = (s_hi - s_lo + OC - 1) // OC
         for tb in gl.static_range(BM // TB):
+            # software-pipelined: chunk c + 1's slots and x gathers are in flight while chunk c's FMAs run (each
+            # gather is an L2 round trip; unpipelined they serialized: +100-160% at M = 64-128)
             m_o = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
             acc_o = gl.zeros([R, OC, TB], gl.float32, layout=ol)
             slot = s_lo + c_o + r_o * 0
-            ov = gl.load(ov_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
-            oi = gl.load(oi_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
+            ov, xg = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS, OB, OK)
             for c in range(n_chunks):
-                # (the next chunk's slots load while this one's x is gathered)
-                slot_n = slot + OC
-                ov_n = gl.load(ov_ptr + r_o * NO + slot_n, mask=slot_n < s_hi, other=0)
-                oi_n = gl.load(oi_ptr + r_o * NO + slot_n, mask=slot_n < s_hi, other=0)
-                col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
-                ok = (slot < s_hi) & (col >= c_lo) & (col < c_hi)
-                xg = gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
+                slot = slot + OC
+                ov_n, xg_n = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS, OB, OK)
                 acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
-                slot = slot_n
                 ov = ov_n
-                oi = oi_n
+                xg = xg_n
             res = res_s.slice(tb * TB, TB, dim=1).load(el) + gl.sum(acc_o, axis=1)
             toks = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, el))
             if SPLIT == 1:
@@ -257,6 +251,19 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
                 tot += gl.load(ws_ptr + q * M * N + off, mask=ok_f, other=0.0, cache_modifier=".cg")
             _epilogue(tot, rows_f, toks_f, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
             gl.store(cnt_ptr + tile, 0)
+
+
+@gluon.jit
+def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS: gl.constexpr, OB: gl.constexpr,
+               OK: gl.constexpr):
+    """One chunk of outlier slots [R, OC] (0 past s_hi or outside the CTA's columns) and x at their columns
+    [R, OC, TB] (slot o of a row is in block o // OK)."""
+    ov = gl.load(ov_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
+    oi = gl.load(oi_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
+    col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
+    ok = (slot < s_hi) & (col >= c_lo) & (col < c_hi)
+    xg = gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
+    return ov, xg
 
 
 @gluon.jit
@@ -303,11 +310,14 @@ MAX_TILES = 1 << 16  # split-K counters per device (one per output tile of a cal
 
 
 def pick_config(M: int, N: int, K: int) -> dict:
-    """Launch shape by M class: BM (tokens per CTA, the wgmma N) = the smallest of 32 / 64 / 128 that holds M (larger
-    M: several token blocks); NW = 4 warps (64 rows: the most row tiles); SPLIT = CTAs per tile along K so that the
-    tiles x SPLIT CTAs fill the chip (at least 4 K steps each)."""
+    """Launch shape by M class (H200 sweep: benchmarks/results/raw/h200/wg_bench_*.json): BM (tokens per CTA, the
+    wgmma N) = the smallest of 32 / 64 / 128 that holds M (larger M: several token blocks); NW warps (16 rows each);
+    SPLIT = CTAs per tile along K so that tiles x SPLIT CTAs fill the chip (at least 4 K steps each): without it
+    4096-row layers ran 32-64 CTAs on 132 SMs (8B o M = 32: 0.33x cuBLAS, 0.99x with SPLIT = 4)."""
     BM = 32 if M <= 32 else 64 if M <= 64 else 128
-    NW = 4
+    # 8 warps (128-row tiles, x staged once for twice the rows) where that still leaves ~200 tiles: 8B gate_up M = 64
+    # 0.42x vs 0.35x cuBLAS with 4 warps; 4 warps elsewhere (8B down M = 64: 0.42x vs 0.37x with 8)
+    NW = 8 if BM >= 64 and N % 128 == 0 and (N // 128) * -(-M // BM) >= 200 else 4
     tiles = (N // (16 * NW)) * -(-M // BM)
     steps = -(-K // fr.STEP_COLS)
     split = max(1, min(steps // 4, round(_CTAS_TO_FILL / tiles)))
