@@ -9,7 +9,8 @@ fixed output length):
   generating exactly ``--output-len`` tokens each (median of ``--iters`` after ``--warmup`` runs);
 * throughput: ``--tp-prompts`` prompts of ``--tp-input`` tokens, ``--tp-output`` tokens each, in one generate call:
   output tokens/s and total tokens/s;
-* weight memory: vLLM's "Model loading took X GiB" log line.
+* weight memory: vLLM's "Model loading took X GiB" log line; KV-cache capacity: its "GPU KV cache size: N tokens"
+  line (``kv_tokens``; the engine's block count and block size are kept too); engine start time (``startup_s``).
 
     python benchmarks/bench_e2e.py --dense DENSE_DIR --nm16 NM16_DIR --json OUT.json [--plot OUT.png]
 
@@ -26,6 +27,13 @@ Any shape without weight files: ``--load-format dummy`` (vLLM fills the dense mo
 each packed layer with a valid random nm16 layer) on config-only folders (``make_random_llama.py --config-only``,
 ``pack_random_nm16.py --config-only``), with ``--skip-tokenizer-init`` (the prompts are random token ids; nothing is
 detokenized). Both are engine settings, recorded with the others, so a merge refuses runs that differ in them.
+
+Large models (issue 12, e.g. a 70B-shaped one on one GPU): ``--tp N`` (vLLM tensor parallelism), ``--start-only``
+(start the engine, record start time / weights / KV tokens, stop: no timed runs), ``--timeout S`` (stop the run after
+S seconds, the engine's processes with it) and ``--record-failure`` (a run that fails or times out still writes its
+result file, with ``started``, ``error`` — vLLM's root-cause message from the log — and what it measured before).
+The child rewrites its result after the start and after every measurement, so a run stopped part-way keeps those.
+``--label`` names the model in the result (e.g. ``70b``) for ``scale_report.py``.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ import argparse
 import json
 import os
 import platform
-import re
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import error_from_log, kv_tokens_from_log, weights_gib_from_log
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -50,6 +60,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
     kw = dict(model=args.model, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_mem,
               enable_prefix_caching=False, max_num_seqs=max(max(args.batches), 256), seed=0)
+    if args.tp != 1:
+        kw["tensor_parallel_size"] = args.tp
     if args.quantization:
         kw["quantization"] = args.quantization
     if args.load_format != "auto":
@@ -66,12 +78,22 @@ def run_one(args: argparse.Namespace) -> dict:
     llm = LLM(**kw)
     startup_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
+    out: dict = {"model": args.model, "quantization": args.quantization, "startup_s": startup_s, "latency": {},
+                 "throughput": {}, "complete": False, **engine_kv_blocks(llm)}
+
+    def save() -> None:  # after every measurement: a run stopped part-way keeps what it measured
+        tmp = args.child_json.with_suffix(".part")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, args.child_json)  # atomic: a kill mid-write leaves the previous version
+
+    save()
+    if args.start_only:
+        out["complete"] = True
+        return out
 
     def prompts(count: int, length: int):
         return [TokensPrompt(prompt_token_ids=rng.integers(100, 10000, size=length).tolist()) for _ in range(count)]
 
-    out: dict = {"model": args.model, "quantization": args.quantization, "startup_s": startup_s, "latency": {},
-                 "throughput": {}}
     def sampling(max_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=max_tokens,
                               detokenize=not args.skip_tokenizer_init)
@@ -88,7 +110,9 @@ def run_one(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
             assert all(len(r.outputs[0].token_ids) == args.output_len for r in res)
         out["latency"][str(b)] = {"median_s": statistics.median(times), "all_s": times}
-        print(f"[{args.quantization or 'dense'}] latency batch {b}: median {statistics.median(times):.4f} s", flush=True)
+        save()
+        print(f"[{args.quantization or 'dense'}] latency batch {b}: median {statistics.median(times):.4f} s",
+              flush=True)
     if args.profile_tokens:
         out["profile"] = {}
         psp = sampling(args.profile_tokens)
@@ -120,7 +144,18 @@ def run_one(args: argparse.Namespace) -> dict:
         out["throughput"] = {"elapsed_s": el, "requests_per_s": len(batch) / el, "output_tokens_per_s": n_out / el,
                              "total_tokens_per_s": (n_out + len(batch) * args.tp_input) / el}
         print(f"[{args.quantization or 'dense'}] throughput: {n_out / el:.1f} output tok/s", flush=True)
+    out["complete"] = True
     return out
+
+
+def engine_kv_blocks(llm) -> dict:
+    """The engine's KV-cache block count and block size as the front end knows them (a cross-check of the logged
+    ``kv_tokens``; empty where this vLLM keeps them elsewhere)."""
+    try:
+        cc = llm.llm_engine.vllm_config.cache_config
+        return {"kv_blocks": int(cc.num_gpu_blocks), "kv_block_size": int(cc.block_size)}
+    except Exception:  # noqa: BLE001 - a cross-check only
+        return {}
 
 
 PROFILE_DELAY = 4  # engine iterations skipped after start_profile: the prefill (<= 64 x 128 tokens) and warm decode
@@ -180,41 +215,81 @@ def summarize_trace(paths: list[Path], steps: int) -> dict:
                              "category": kernel_category(n)} for n, d in top]}
 
 
-_MEM_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
-
-
 def bench_model(model: str, quantization: str | None, args: argparse.Namespace, log_dir: Path) -> dict:
     res_file = log_dir / f"e2e_{quantization or 'dense'}.json"
     log_file = log_dir / f"e2e_{quantization or 'dense'}.log"
+    res_file.unlink(missing_ok=True)  # a stale result must not pass for this run's
     cmd = [sys.executable, __file__, "--child", "--model", model, "--child-json", str(res_file),
            "--batches", *map(str, args.batches), "--input-len", str(args.input_len), "--output-len",
            str(args.output_len), "--iters", str(args.iters), "--warmup", str(args.warmup), "--tp-prompts",
            str(args.tp_prompts), "--tp-input", str(args.tp_input), "--tp-output", str(args.tp_output),
            "--max-model-len", str(args.max_model_len), "--gpu-mem", str(args.gpu_mem),
            "--profile-tokens", str(args.profile_tokens), "--profile-steps", str(args.profile_steps),
-           "--profile-dir", str(args.profile_dir), "--load-format", args.load_format]
+           "--profile-dir", str(args.profile_dir), "--load-format", args.load_format, "--tp", str(args.tp)]
     if quantization:
         cmd += ["--quantization", quantization]
     if args.skip_tokenizer_init:
         cmd += ["--skip-tokenizer-init"]
-    with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if args.start_only:
+        cmd += ["--start-only"]
+    rc, timed_out = run_child(cmd, log_file, args.timeout)
     text = log_file.read_text(errors="replace")
-    if proc.returncode != 0 or not res_file.is_file():
+    res = {"model": model, "quantization": quantization}
+    if res_file.is_file():
+        try:
+            res = json.loads(res_file.read_text())
+        except json.JSONDecodeError:  # cut short while the child wrote its final result
+            pass
+    failed = rc != 0 or not res.get("complete")
+    if failed and not args.record_failure:
         print(text[-6000:])
-        raise SystemExit(f"benchmark of {model} failed (rc {proc.returncode}); log: {log_file}")
-    res = json.loads(res_file.read_text())
-    mem = _MEM_RE.findall(text)
-    res["weights_gib"] = float(mem[-1]) if mem else None
-    res["settings"] = settings_of(args)
-    res["env"] = environment()
+        raise SystemExit(f"benchmark of {model} failed (rc {rc}{', timed out' if timed_out else ''}); log: {log_file}")
+    res.update(started="startup_s" in res, weights_gib=weights_gib_from_log(text), kv_tokens=kv_tokens_from_log(text),
+               label=args.label, settings=settings_of(args), env=environment(), start_only=args.start_only)
+    if failed:
+        cause, lines = error_from_log(text)
+        if timed_out:
+            cause = f"timed out after {args.timeout:.0f} s" + (f" (last error in the log: {cause})" if cause else "")
+        res.update(complete=False, returncode=rc, timed_out=timed_out,
+                   error=cause or f"exit status {rc} with no exception in the log", error_lines=lines[-10:])
+        print(f"[{quantization or 'dense'}] FAILED (recorded): started={res['started']} error={res['error']}")
     res_file.write_text(json.dumps(res, indent=2, default=str))
     return res
 
 
+def run_child(cmd: list[str], log_file: Path, timeout: float | None) -> tuple[int, bool]:
+    """Run a benchmark child with its output in ``log_file``, in its own process group; on timeout stop the group
+    (SIGTERM, then SIGKILL after 30 s), and in any case kill what is left of the group when the child is gone (an
+    engine-core or worker process must not keep the GPU from the next run). Returns (exit status, timed out)."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            stop_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        stop_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, timed_out
+
+
+def stop_group(pgid: int, sig: int) -> None:
+    """Send ``sig`` to the process group ``pgid`` (one this script started with start_new_session)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 SETTINGS = ("batches", "input_len", "output_len", "iters", "warmup", "tp_prompts", "tp_input", "tp_output",
-            "max_model_len", "gpu_mem", "load_format", "skip_tokenizer_init")
-LEGACY_SETTINGS = {"load_format": "auto", "skip_tokenizer_init": False}  # values of runs recorded before these existed
+            "max_model_len", "gpu_mem", "load_format", "skip_tokenizer_init", "tp")
+# values of runs recorded before these settings existed
+LEGACY_SETTINGS = {"load_format": "auto", "skip_tokenizer_init": False, "tp": 1}
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -227,7 +302,7 @@ def recorded_settings(run: dict) -> dict:
 
 
 def environment() -> dict:
-    env = {"python": platform.python_version(), "argv": sys.argv}
+    env = {"python": platform.python_version(), "argv": sys.argv, "commit": git_commit()}
     try:
         import torch
         import vllm
@@ -240,6 +315,16 @@ def environment() -> dict:
     except Exception as e:  # noqa: BLE001 - environment record only
         env["error"] = repr(e)
     return env
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this script runs from (None where there is no git, e.g. a copied tree on a GPU host)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def merge(dense: dict, nm16: dict, args: argparse.Namespace) -> list[dict]:
@@ -284,7 +369,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dense")
     ap.add_argument("--nm16")
@@ -311,6 +396,15 @@ def main() -> int:
                          "nm16 layers get valid random nm16 data)")
     ap.add_argument("--skip-tokenizer-init", action="store_true",
                     help="start vLLM without a tokenizer (prompts are token ids; outputs are not detokenized)")
+    ap.add_argument("--tp", type=int, default=1, help="vLLM tensor_parallel_size")
+    ap.add_argument("--start-only", action="store_true",
+                    help="only start the engine and record startup_s / weights_gib / kv_tokens (no timed runs)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="stop a model's run (the engine's processes too) after this many seconds")
+    ap.add_argument("--record-failure", action="store_true",
+                    help="a run that fails or times out writes its result (started, error, what it measured) "
+                         "instead of stopping with an error")
+    ap.add_argument("--label", help="model label stored in the result (e.g. 70b), read by scale_report.py")
     ap.add_argument("--only", choices=("dense", "nm16"), help="benchmark one model; write LOG_DIR/e2e_<name>.json")
     ap.add_argument("--merge", nargs=2, type=Path, metavar=("DENSE_JSON", "NM16_JSON"),
                     help="merge two --only results into --json/--plot")
@@ -319,7 +413,12 @@ def main() -> int:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--quantization", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if args.child:
         res = run_one(args)
         args.child_json.write_text(json.dumps(res, indent=2))

@@ -1,10 +1,13 @@
-"""Shared by the GPU benchmark scripts: the layer shapes and the CUDA-graph timer.
+"""Shared by the GPU benchmark scripts: the layer shapes, the CUDA-graph timer and the readers of vLLM's log lines
+(weights GiB, KV-cache tokens, the error of a failed start).
 
 A script in ``benchmarks/`` imports it as ``from common import SHAPES, graph_us`` (Python puts the script's folder
 first on ``sys.path``); the project itself (``vllm_nm16``, ``offline``) comes from the installed package.
 """
 
 from __future__ import annotations
+
+import re
 
 # Linear layers of Llama-3 8B / 70B: name -> (N = out_features, K = in_features)
 SHAPES: dict[str, tuple[int, int]] = {
@@ -52,3 +55,39 @@ def graph_us(fns, target_us: float | None = None, replays: int = 7) -> float:
         times.append(1e3 * e0.elapsed_time(e1) / (reps * len(fns)))
     del graph
     return sorted(times)[len(times) // 2]
+
+
+_MEM_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
+_KV_RE = re.compile(r"KV cache size: ([0-9][0-9,]*) tokens")
+_ERR_RE = re.compile(r"^(?:\([^)]*\) )?(?:ERROR [^\]]*\] )?([A-Za-z_][\w.]*(?:Error|Exception)\b:?.*)$")
+_GENERIC_ERRORS = ("Engine core initialization failed", "Worker failed", "WorkerProc initialization failed",
+                   "Engine process failed to start", "EngineDeadError", "failed to start")
+
+
+def weights_gib_from_log(text: str) -> float | None:
+    """vLLM's "Model loading took X GiB" (the last one logged: one line per engine start)."""
+    mem = _MEM_RE.findall(text)
+    return float(mem[-1]) if mem else None
+
+
+def kv_tokens_from_log(text: str) -> int | None:
+    """vLLM's "GPU KV cache size: N tokens" (N with thousands separators; the last one logged)."""
+    kv = _KV_RE.findall(text)
+    return int(kv[-1].replace(",", "")) if kv else None
+
+
+def error_from_log(text: str) -> tuple[str | None, list[str]]:
+    """(root cause, exception lines) of a failed vLLM start: the distinct exception lines of the log (with vLLM's
+    ``(EngineCore pid=N)`` / ``ERROR ... [file.py:N]`` prefixes stripped); the root cause is the last one that is not
+    one of the generic "engine failed" wrappers the front end raises after the engine's own error (else the last)."""
+    lines = []
+    for raw in text.splitlines():
+        m = _ERR_RE.match(raw.strip())
+        if m and not m.group(1).startswith(("Traceback", "During handling")):
+            msg = m.group(1).strip()
+            if msg not in lines:
+                lines.append(msg)
+    for msg in reversed(lines):
+        if not any(g in msg for g in _GENERIC_ERRORS):
+            return msg, lines
+    return (lines[-1] if lines else None), lines

@@ -20,6 +20,18 @@
 #
 #   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5) -> $OUT/fuzz_h200.json + .log
 #
+# Scale (issue 12), one H200, Llama-3-70B shapes (hidden 8192, intermediate 28672, 80 layers, 64/8 heads, vocab
+# 128256) on config-only folders made in /tmp with --load-format dummy (no weight files; nm16 = 8:16 + outliers 4/256
+# + scale); one device call each, results under $OUT/scale_h200/ (merge them with benchmarks/scale_report.py):
+#   scale70b  : nm16 70B through bench_e2e.py (--skip-tokenizer-init): startup s, weights GiB, KV tokens, latency
+#               batch 1/16/64 (--output-len 128 --iters 2 --warmup 1) + throughput (--tp-prompts 200); the run stops
+#               itself at 510 s keeping what it measured (~6 min expected)
+#   serve70b  : `vllm serve` of the same nm16 folder (its synthetic tokenizer: byte-level, Llama-3 special ids and
+#               chat template) queried with the openai client: a token-id completion and a chat request (~4-5 min)
+#   dense70b [GPU_MEM] : dense bf16 70B, same settings, engine start only (default gpu_memory_utilization 0.85, the
+#               nm16 run's; e.g. 0.98 for the most this host can give): started true/false and vLLM's error, stopped
+#               at 420 s (~2-4 min)
+#
 # Results go to $OUT (the device tool brings them back).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +43,16 @@ site=/tmp/site
 # The live working tree (copied afresh on every call) goes first, so code fixed between calls needs no reinstall;
 # /tmp/site holds vLLM and this project's installed metadata (the vllm.general_plugins entry point).
 use_site() { export PYTHONPATH=$ROOT:$site PATH=$site/bin:$PATH; }
+# Issue 12: config-only Llama-3-70B-shaped folders (no weights): dense (with a synthetic tokenizer for the serve check)
+# and its nm16 twin (8:16, outliers, scale); the benchmark settings both 70B engines share
+cfg70() {
+  [ -f /tmp/llama70b-cfg/config.json ] || python3 benchmarks/make_random_llama.py /tmp/llama70b-cfg \
+    --preset llama3-70b --config-only --synthetic-tokenizer
+  [ -f /tmp/llama70b-nm16-cfg/config.json ] || python3 benchmarks/pack_random_nm16.py /tmp/llama70b-cfg \
+    /tmp/llama70b-nm16-cfg --config-only --outliers "${NM16_OUTLIERS:-4/256}"
+}
+dummy70=(--load-format dummy --skip-tokenizer-init --iters 2 --warmup 1 --output-len 128 --tp-prompts 200
+         --label 70b --record-failure)
 
 step=$1; shift
 case "$step" in
@@ -88,6 +110,32 @@ e2e_dummy)
 serve8b)
   use_site
   python3 benchmarks/gpu/smollm_check.py --serve-only /tmp/llama8b-nm16 --out "$OUT/serve8b" ;;
+scale70b)
+  use_site
+  t0=$(date +%s)
+  cfg70
+  python3 benchmarks/bench_e2e.py --only nm16 --nm16 /tmp/llama70b-nm16-cfg "${dummy70[@]}" --timeout 510 \
+    --log-dir "$OUT/scale_h200/70b_nm16_tp1"
+  grep -h "Model loading took\|GPU KV cache size\|init engine" "$OUT/scale_h200/70b_nm16_tp1/e2e_nm16.log" \
+    | cut -c1-200 || true
+  echo "scale70b took $(( $(date +%s) - t0 )) s" ;;
+serve70b)
+  use_site
+  t0=$(date +%s)
+  cfg70
+  python3 benchmarks/gpu/serve_dummy.py /tmp/llama70b-nm16-cfg --quantization nm16 --label 70b \
+    --out "$OUT/scale_h200/serve" --ready-timeout 450
+  echo "serve70b took $(( $(date +%s) - t0 )) s" ;;
+dense70b)
+  use_site
+  t0=$(date +%s)
+  gm=${1:-0.85}
+  cfg70
+  python3 benchmarks/bench_e2e.py --only dense --dense /tmp/llama70b-cfg "${dummy70[@]}" --start-only \
+    --gpu-mem "$gm" --timeout 420 --log-dir "$OUT/scale_h200/70b_dense_tp1_gm$gm"
+  grep -h "Model loading took\|GPU KV cache size\|init engine" "$OUT/scale_h200/70b_dense_tp1_gm$gm/e2e_dense.log" \
+    | cut -c1-200 || true
+  echo "dense70b (gpu_mem $gm) took $(( $(date +%s) - t0 )) s" ;;
 fuzz)
   # torch + Triton only (no vLLM needed); ~8 min: 500 random cases on 8 worker processes, stops new cases at 420 s
   use_site
