@@ -1,12 +1,13 @@
-"""SASS instructions per kept value of the Gluon fragment kernel's main loop, per launch variant, compiled for sm_90
-with the Triton in this environment (3.6 on the GPU host) -- no GPU needed: ``triton.compile`` targets sm_90 and the
-cubin is disassembled with the cuobjdump that Triton ships.
+"""SASS instructions per kept value of the Gluon fragment kernels' main loops (mma_v2: gluon_nm16.py, wgmma:
+gluon_wgmma.py), per launch variant, compiled for sm_90 with the Triton in this environment (3.6 on the GPU host) --
+no GPU needed: ``triton.compile`` targets sm_90 and the cubin is disassembled with the cuobjdump that Triton ships.
 
     python3 benchmarks/sass_count.py --out benchmarks/results/sass_h200.json
 
-The main loop is unrolled by two K steps; per thread one trip decodes 2 rows x 2 groups x 2 steps = 64 kept values,
-whatever BM/WN/WK are, so ``sass_per_kept = loop instructions / 64``. Also recorded: registers per thread (occupancy)
-and the instruction mix of the loop.
+mma_v2: the main loop is unrolled by two K steps; per thread one trip decodes 2 rows x 2 groups x 2 steps = 64 kept
+values, whatever BM/WN/WK are, so ``sass_per_kept = loop instructions / 64``. wgmma: one trip is one K step, 32 kept
+values per thread (x staging and the wgmma issue included). Also recorded: registers per thread (occupancy) and the
+instruction mix of the loop.
 """
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ VARIANTS = {  # name: (BM, WN, WK, outliers, outliers in the loop) -- the launch
 }
 
 
+WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT) -- gluon_wgmma.pick_config's shapes; one trip = one K step
+    "wgmma BM32 bare": (4, 32, False, 1), "wgmma BM32 outliers": (4, 32, True, 3),
+    "wgmma BM64 bare": (4, 64, False, 1), "wgmma BM64 outliers": (4, 64, True, 4),
+    "wgmma BM64 NW8 outliers": (8, 64, True, 1), "wgmma BM128 bare": (4, 128, False, 2),
+}
+WGMMA_KEPT_PER_TRIP = 32  # 2 rows x 2 groups x 8 kept values per thread and K step
+
+
 def _import_kernel():
     try:
         import torch  # noqa: F401
@@ -44,10 +53,16 @@ def _import_kernel():
     fr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fr)
     sys.modules["vllm_nm16.kernels.fragment"] = fr
-    spec = importlib.util.spec_from_file_location("gluon_nm16", ROOT / "vllm_nm16/kernels/gluon_nm16.py")
+    spec = importlib.util.spec_from_file_location("vllm_nm16.kernels.gluon_nm16",
+                                                  ROOT / "vllm_nm16/kernels/gluon_nm16.py")
     g = importlib.util.module_from_spec(spec)
+    sys.modules["vllm_nm16.kernels.gluon_nm16"] = g
     spec.loader.exec_module(g)
-    return g
+    spec = importlib.util.spec_from_file_location("vllm_nm16.kernels.gluon_wgmma",
+                                                  ROOT / "vllm_nm16/kernels/gluon_wgmma.py")
+    w = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w)
+    return g, w
 
 
 def _loop(sass: str) -> list[str]:
@@ -64,10 +79,7 @@ def _loop(sass: str) -> list[str]:
 
 
 def count(g, BM, WN, WK, has_out, in_loop, K=4096) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
                 oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", M="i32",
@@ -76,8 +88,29 @@ def count(g, BM, WN, WK, has_out, in_loop, K=4096) -> dict:
                 OC=g.outlier_lanes(BM) * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
     for name, lay in zip(("mma", "a_l", "b_l", "vl", "gl4", "xl", "ol"), g.make_layouts(WK, WN, BM)):
         args[name] = lay
+    sig, cex, attrs = _signature(g.nm16_fragment_kernel, args)
+    return _sass_stats(g.nm16_fragment_kernel, sig, cex, attrs, WK * WN, KEPT_PER_TRIP,
+                       {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out})
+
+
+def count_wgmma(g, w, NW, BM, has_out, split, K=4096) -> dict:
+    from triton.experimental.gluon import language as gl
+
+    args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
+                oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
+                ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", S="i32", stride_ym="i32", NO="i32",
+                XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split, EVEN_K=True, EVEN_X=True,
+                HAS_OUT=has_out, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
+    for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), w.make_layouts(NW, BM)):
+        args[name] = lay
+    sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)
+    return _sass_stats(w.nm16_wgmma_kernel, sig, cex, attrs, NW, WGMMA_KEPT_PER_TRIP,
+                       {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out})
+
+
+def _signature(kernel, args):
     sig, cex, attrs = {}, {}, {}
-    for i, p in enumerate(inspect.signature(g.nm16_fragment_kernel.fn).parameters):
+    for i, p in enumerate(inspect.signature(kernel.fn).parameters):
         v = args[p]
         if isinstance(v, str) and v.startswith("*"):
             sig[p], attrs[(i,)] = v, [["tt.divisibility", 16]]
@@ -87,8 +120,16 @@ def count(g, BM, WN, WK, has_out, in_loop, K=4096) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[p], cex[(i,)] = "constexpr", v
-    k = triton.compile(GluonASTSource(g.nm16_fragment_kernel, sig, cex, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": WK * WN})
+    return sig, cex, attrs
+
+
+def _sass_stats(kernel, sig, cex, attrs, num_warps, kept_per_trip, info) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    k = triton.compile(GluonASTSource(kernel, sig, cex, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
     tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -97,8 +138,7 @@ def count(g, BM, WN, WK, has_out, in_loop, K=4096) -> dict:
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     loop = _loop(sass)
     mix = collections.Counter(o.split(".")[0] for o in loop)
-    return {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out,
-            "loop_instructions": len(loop), "sass_per_kept": round(len(loop) / KEPT_PER_TRIP, 2),
+    return {**info, "loop_instructions": len(loop), "sass_per_kept": round(len(loop) / kept_per_trip, 2),
             "registers": int(re.search(r"REG:(\d+)", res).group(1)), "mix": dict(mix.most_common(12))}
 
 
@@ -108,10 +148,10 @@ def main() -> None:
     args = ap.parse_args()
     import triton
 
-    g = _import_kernel()
+    g, w = _import_kernel()
     rows = {}
-    for name, v in VARIANTS.items():
-        rows[name] = count(g, *v)
+    for name, v in list(VARIANTS.items()) + list(WGMMA_VARIANTS.items()):
+        rows[name] = count(g, *v) if name in VARIANTS else count_wgmma(g, w, *v)
         r = rows[name]
         print(f"{name:<14} {r['sass_per_kept']:5.2f} SASS/kept  ({r['loop_instructions']} per trip)  "
               f"{r['registers']} regs  {r['mix']}")
