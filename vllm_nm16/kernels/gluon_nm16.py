@@ -264,6 +264,13 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
         else:
             acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC)
         res = res + gl.convert_layout(gl.sum(acc_o, axis=1), el)
+    _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+
+
+@gluon.jit
+def _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT: gl.constexpr,
+              HAS_BIAS: gl.constexpr):
+    """y[toks, rows] = res + shift + bias (res: [rows, toks] fp32, scale and outliers already in)."""
     if HAS_SHIFT:
         res = res + gl.load(shift_ptr + rows)[:, None]
     if HAS_BIAS:
@@ -366,6 +373,23 @@ def _can_run(N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor, 
     return True, ""
 
 
+def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, N: int,
+                  out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks and inputs shared by the Gluon launchers: refuse (ValueError naming ``kernel`` and the reason) what
+    ``can`` refuses or tensors that are not an 8:16 layer of N x K; x contiguous and 16-byte aligned (its row stride
+    is a compile-time constant: immediate offsets in the outlier gathers); y = ``out`` or a fresh [M, N]."""
+    M, K = x2d.shape
+    ok, why = can
+    if ok and (tuple(wv.shape) != (N, K // 2) or tuple(wm.shape) != (N, K // 16)):
+        ok, why = False, f"values {tuple(wv.shape)} / mask {tuple(wm.shape)} are not an 8:16 layer of {N} x {K}"
+    if not ok:
+        raise ValueError(f"nm16 {kernel} kernel: {why}")
+    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
+    return x2d, y
+
+
 def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, scale, shift, bias, *,
                     outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
                     config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,15 +398,7 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     overrides :func:`pick_config`'s keys (tests and the benchmark sweep)."""
     M, K = x2d.shape
     N = out_features
-    ok, why = _can_run(N, K, 8, 16, x2d, wv, wm)
-    if ok and (tuple(wv.shape) != (N, K // 2) or tuple(wm.shape) != (N, K // 16)):
-        ok, why = False, f"values {tuple(wv.shape)} / mask {tuple(wm.shape)} are not an 8:16 layer of {N} x {K}"
-    if not ok:
-        raise ValueError(f"nm16 Gluon kernel: {why}")
-    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
-        # contiguous x: its row stride (K) is a compile-time constant (immediate offsets in the outlier gathers)
-        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
+    x2d, y = launch_inputs("Gluon", _can_run(N, K, 8, 16, x2d, wv, wm), x2d, wv, wm, N, out)
     if M == 0:
         return y
     cfg = pick_config(M, N, K)

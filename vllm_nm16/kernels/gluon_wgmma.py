@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                   warpgroup_mma_wait)
 
 from vllm_nm16.kernels import fragment as fr
-from vllm_nm16.kernels.gluon_nm16 import _ASM, _table, _to_half
+from vllm_nm16.kernels.gluon_nm16 import _ASM, _can_run, _epilogue, _table, _to_half, launch_inputs
 
 TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
 
@@ -266,18 +266,6 @@ def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, X
     return ov, xg
 
 
-@gluon.jit
-def _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT: gl.constexpr,
-              HAS_BIAS: gl.constexpr):
-    """y[toks, rows] = res + shift + bias (res: [rows, toks] fp32, scale and outliers already in)."""
-    if HAS_SHIFT:
-        res = res + gl.load(shift_ptr + rows)[:, None]
-    if HAS_BIAS:
-        res = res + gl.load(bias_ptr + rows)[:, None].to(gl.float32)
-    ptr = y_ptr + toks[None, :] * stride_ym + rows[:, None]
-    gl.store(ptr, res.to(y_ptr.dtype.element_ty), mask=(toks[None, :] + rows[:, None] * 0) < M)
-
-
 # ------------------------------------------------------------------------------------------------------ launcher
 _LAYOUTS: dict = {}
 _COUNTERS: dict = {}
@@ -326,17 +314,16 @@ def pick_config(M: int, N: int, K: int) -> dict:
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
                   wm: torch.Tensor) -> tuple[bool, str]:
-    if (n, m) != (8, 16):
-        return False, f"{n}:{m} (8:16 only)"
-    if x.dtype not in (torch.bfloat16, torch.float16) or wv.dtype != x.dtype:
-        return False, f"activations {x.dtype} / values {wv.dtype} (bf16 or fp16, equal)"
-    if wm.dtype != torch.int16:
-        return False, "mask not in the on-disk int16 layout"
+    """Whether the kernel can compute this call, and why not: the mma_v2 kernel's conditions (8:16, dtypes, int16
+    masks, K % 32), plus sm_90 (wgmma), N % 64 (64-row tiles) and N + K < 2**30 (the table-offset trick)."""
+    ok, why = _can_run(N, K, n, m, x, wv, wm)
+    if not ok:
+        return ok, why
+    if N % 64:
+        return False, f"N={N} (multiple of 64)"
     if N + K >= 2**30:
         return False, f"N + K = {N + K} >= 2**30"
-    if N % 64 or K % 32:
-        return False, f"N={N} (multiple of 64) / K={K} (multiple of 32)"
-    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
         return False, "needs an sm_90 GPU (wgmma)"
     return True, ""
 
@@ -348,14 +335,7 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     for M 17..256."""
     M, K = x2d.shape
     N = out_features
-    ok, why = can_implement(M, N, K, 8, 16, x2d, wv, wm)
-    if ok and (tuple(wv.shape) != (N, K // 2) or tuple(wm.shape) != (N, K // 16)):
-        ok, why = False, f"values {tuple(wv.shape)} / mask {tuple(wm.shape)} are not an 8:16 layer of {N} x {K}"
-    if not ok:
-        raise ValueError(f"nm16 wgmma kernel: {why}")
-    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
-        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
+    x2d, y = launch_inputs("wgmma", can_implement(M, N, K, 8, 16, x2d, wv, wm), x2d, wv, wm, N, out)
     if M == 0:
         return y
     cfg = pick_config(M, N, K)
