@@ -99,6 +99,10 @@ WGMMA_CASES = [
     ("wgmma_m300_bf16_all_k160", 8, 16, 64, 160, 300, "bfloat16", (32, 2), True, True, True, None, WGMMA),
     ("wgmma_m1024_bf16_out_bm32", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None,
      dict(WGMMA, BM=32)),
+    ("wgmma_m45_bf16_out_xt", 8, 16, 256, 4096, 45, "bfloat16", (256, 4), True, True, False, None,
+     dict(WGMMA, XT=True)),
+    ("wgmma_m130_fp16_all_xt_k576", 8, 16, 192, 576, 130, "float16", (192, 3), True, True, True, None,
+     dict(WGMMA, XT=True, SPLIT=2)),
 ]
 
 
