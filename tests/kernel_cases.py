@@ -83,6 +83,9 @@ GLUON_CASES = [
     ("gluon_m256_fp16_out", 8, 16, 128, 256, 256, "float16", (64, 1), False, False, False, None, GLUON),
     ("gluon_m300_bf16_all_k160", 8, 16, 48, 160, 300, "bfloat16", (32, 2), True, True, True, None, GLUON),
     ("gluon_m1024_bf16_out", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None, GLUON),
+    ("gluon_m5_bf16_out_xt", 8, 16, 256, 4096, 5, "bfloat16", (256, 4), True, False, False, None, dict(GLUON, xt=True)),
+    ("gluon_m16_fp16_all_xt_k576", 8, 16, 96, 576, 16, "float16", (192, 3), True, True, True, None,
+     dict(GLUON, xt=True)),
 ]
 # The wgmma kernel (sm_90), forced: every M class incl. several token blocks, K tails, split-K (auto and forced,
 # counters reused across cases), 4 and 8 warps, both dtypes.

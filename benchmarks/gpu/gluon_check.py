@@ -48,7 +48,8 @@ def main():
             cases.append((N, K, M, torch.float16, k, B, True, False, False))
         cases.append((N, K, 8, torch.bfloat16, 0, B, False, False, False))
     for cfg in ({"WK": 2}, {"WK": 16}, {"WK": 4, "WN": 2}, {"out_in_loop": True, "BM": 16},
-                {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8}):
+                {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8},
+                {"xt": True}, {"xt": True, "BM": 16, "out_in_loop": True}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
     if args.kernel == "wgmma":  # the wgmma kernel: every M class it serves, configs, tails, both dtypes

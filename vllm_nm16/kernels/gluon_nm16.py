@@ -25,6 +25,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from vllm_nm16.kernels import fragment as fr
+from vllm_nm16.kernels.transpose import padded_transpose
 
 MAX_M = 32
 
@@ -119,12 +120,22 @@ def _out_load(ov_ptr, oi_ptr, r_o, c_o, c, NO, OC: gl.constexpr):
 
 @gluon.jit
 def _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr,
-                OC: gl.constexpr):
+                OC: gl.constexpr, XT: gl.constexpr, XTS):
     """x at the columns of chunk ``c``'s outliers: [16, OC, BM] (slot o of a row is in block o // OK)."""
     slot = c * OC + c_o
     ok = (slot + r_o * 0) < NO
     col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
-    return gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
+    return _x_at(x_ptr, col, m_o, ok, M, XS, XT, XTS)
+
+
+@gluon.jit
+def _x_at(x_ptr, col, m_o, ok, M, XS: gl.constexpr, XT: gl.constexpr, XTS):
+    """x at columns ``col`` [R, OC] for tokens ``m_o`` [1, 1, T], 0 where not ``ok``: ``x_ptr`` is x [M, XS] or, with
+    XT, its zero-padded transpose [K, XTS] (transpose.py: tokens contiguous, no token mask -> vector loads)."""
+    if XT:
+        return gl.load(x_ptr + col[:, :, None] * XTS + m_o, mask=ok[:, :, None] & (m_o >= 0), other=0)
+    else:
+        return gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
 
 
 @gluon.jit
@@ -161,12 +172,12 @@ def _mma_step(acc, v, mk, xx, tab_cl, tab_kk, ASM: gl.constexpr, WK: gl.constexp
 
 @gluon.jit
 def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, XS: gl.constexpr, OB: gl.constexpr,
-                   OK: gl.constexpr, OC: gl.constexpr):
+                   OK: gl.constexpr, OC: gl.constexpr, XT: gl.constexpr, XTS):
     """Outlier chunks c_first.. after the main loop (the next chunk's offsets load while this one's x is gathered)."""
     n_chunks = (NO + OC - 1) // OC
     ov, oi = _out_load(ov_ptr, oi_ptr, r_o, c_o, c_first, NO, OC)
     for c in range(c_first, n_chunks):
-        xg = _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
+        xg = _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC, XT, XTS)
         ov_n, oi_n = _out_load(ov_ptr, oi_ptr, r_o, c_o, c + 1, NO, OC)
         acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
         ov = ov_n
@@ -176,10 +187,10 @@ def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, 
 
 @gluon.jit
 def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                         y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
+                         y_ptr, M, N, K, S, stride_ym, NO, XTS, XS: gl.constexpr,
                          ASM: gl.constexpr, DT: gl.constexpr, WK: gl.constexpr, WN: gl.constexpr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
-                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr,
+                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, XT: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr,
                          OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
                          HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                          vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
@@ -235,7 +246,7 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                                 K, WK, EVEN_K, EVEN_X)
         if HAS_OUT:
             if OUT_IN_LOOP:
-                xg = _out_gather(x_ptr, oi_a, r_o, c_o, m_o, i // 2, M, NO, XS, OB, OK, OC)
+                xg = _out_gather(x_ptr, oi_a, r_o, c_o, m_o, i // 2, M, NO, XS, OB, OK, OC, XT, XTS)
                 ov_b, oi_b = _out_load(ov_ptr, oi_ptr, r_o, c_o, i // 2 + 1, NO, OC)
         acc = _mma_step(acc, va, ma, xa, tab_cl, tab_kk, ASM, WK, R, BM, DT, gl4, a_l, b_l)
         # (past the end on the last even trip: re-read the last step instead of masking, and drop it)
@@ -259,10 +270,11 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
         if OUT_IN_LOOP:
             for c in range(n_iter // 2, (NO + OC - 1) // OC):  # chunks the loop did not reach (rare)
                 ov_c, oi_c = _out_load(ov_ptr, oi_ptr, r_o, c_o, c, NO, OC)
-                xg = _out_gather(x_ptr, oi_c, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
+                xg = _out_gather(x_ptr, oi_c, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC, XT, XTS)
                 acc_o += ov_c.to(gl.float32)[:, :, None] * xg.to(gl.float32)
         else:
-            acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC)
+            acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC, XT,
+                                           XTS)
         res = res + gl.convert_layout(gl.sum(acc_o, axis=1), el)
     _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
 
@@ -347,7 +359,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
             WK = _fill_warps(N // (16 * WN), WN, 8 // WN)
     fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
-    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8}
+    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "xt": False}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
@@ -410,14 +422,16 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     dummy = y
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0 and S % WK == 0
-    nm16_fragment_kernel[(N // (16 * WN), -(-M // BM))](
-        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
+    xt = has_out and bool(cfg["xt"]) and M > 1
+    grid = (N // (16 * WN), -(-M // BM))
+    nm16_fragment_kernel[grid](
+        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
         ov if has_out else dummy, oi if has_out else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         bias if bias is not None else dummy, y,
-        M, N, K, S, y.stride(0), NO, x2d.stride(0),
+        M, N, K, S, y.stride(0), NO, grid[1] * BM, x2d.stride(0),
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
-        has_out, bool(cfg["out_in_loop"]), outlier_block if has_out else 1, outliers_per_block if has_out else 1,
+        has_out, bool(cfg["out_in_loop"]), xt, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         outlier_lanes(BM) * WK, scale is not None, shift is not None, bias is not None,
         *layouts(WK, WN, BM), num_warps=WK * WN)
     return y

@@ -31,7 +31,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                   warpgroup_mma_wait)
 
 from vllm_nm16.kernels import fragment as fr
-from vllm_nm16.kernels.gluon_nm16 import _ASM, _can_run, _epilogue, _table, _to_half, launch_inputs
+from vllm_nm16.kernels.gluon_nm16 import _ASM, _can_run, _epilogue, _table, _to_half, _x_at, launch_inputs
+from vllm_nm16.kernels.transpose import padded_transpose
 
 TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
 
@@ -131,7 +132,7 @@ def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.co
 
 @gluon.jit
 def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                      y_ptr, ws_ptr, cnt_ptr, xt_ptr, M, N, K, S, stride_ym, NO, XTS, XS: gl.constexpr,
+                      y_ptr, ws_ptr, cnt_ptr, M, N, K, S, stride_ym, NO, XTS, XS: gl.constexpr,
                       ASM: gl.constexpr, DT: gl.constexpr, NW: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
                       EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, XT: gl.constexpr,
                       OB: gl.constexpr,
@@ -215,12 +216,11 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
             m_o = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
             acc_o = gl.zeros([R, OC, TB], gl.float32, layout=ol)
             slot = s_lo + c_o + r_o * 0
-            ov, xg = _out_chunk(x_ptr, xt_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS, OB,
-                                OK, XT)
+            ov, xg = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS, OB, OK, XT)
             for c in range(n_chunks):
                 slot = slot + OC
-                ov_n, xg_n = _out_chunk(x_ptr, xt_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS,
-                                        XS, OB, OK, XT)
+                ov_n, xg_n = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS,
+                                        OB, OK, XT)
                 acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
                 ov = ov_n
                 xg = xg_n
@@ -257,20 +257,15 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
 
 
 @gluon.jit
-def _out_chunk(x_ptr, xt_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS: gl.constexpr,
+def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS: gl.constexpr,
                OB: gl.constexpr, OK: gl.constexpr, XT: gl.constexpr):
     """One chunk of outlier slots [R, OC] (0 past s_hi or outside the CTA's columns) and x at their columns
-    [R, OC, TB] (slot o of a row is in block o // OK). XT: from the transposed copy xt [K, XTS] (the TB tokens of a
-    column are one 32-byte sector; from x they are TB sectors K * 2 bytes apart)."""
+    [R, OC, TB] (slot o of a row is in block o // OK; x_ptr: x, or with XT its padded transpose, see _x_at)."""
     ov = gl.load(ov_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
     oi = gl.load(oi_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
     col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
     ok = (slot < s_hi) & (col >= c_lo) & (col < c_hi)
-    if XT:  # (no token mask: xt is zero-padded to whole token blocks, so the TB tokens load as vectors)
-        xg = gl.load(xt_ptr + col[:, :, None] * XTS + m_o, mask=ok[:, :, None] & (m_o >= 0), other=0)
-    else:
-        xg = gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
-    return ov, xg
+    return ov, _x_at(x_ptr, col, m_o, ok, M, XS, XT, XTS)
 
 
 # ------------------------------------------------------------------------------------------------------ launcher
@@ -358,20 +353,14 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
-    xt, xts = y, 16
-    if has_out and cfg["XT"]:
-        # x transposed for the outlier gathers, zero-padded to whole token blocks (a multiple of 16: aligned rows,
-        # unmasked vector loads)
-        xts = grid[1] * BM
-        xt = torch.zeros((K, xts), dtype=x2d.dtype, device=x2d.device)
-        xt[:, :M].copy_(x2d.t())
+    xt = has_out and bool(cfg["XT"])
     nm16_wgmma_kernel[grid](
-        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
+        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
         ov if has_out else y, oi if has_out else y, scale if scale is not None else y,
-        shift if shift is not None else y, bias if bias is not None else y, y, ws, _counters(x2d.device), xt,
-        M, N, K, S, y.stride(0), NO, xts, x2d.stride(0),
+        shift if shift is not None else y, bias if bias is not None else y, y, ws, _counters(x2d.device),
+        M, N, K, S, y.stride(0), NO, grid[1] * BM, x2d.stride(0),
         _ASM, DT, NW, BM, split, even_k, even_k and M % BM == 0,
-        has_out, bool(cfg["XT"]), outlier_block if has_out else 1, outliers_per_block if has_out else 1,
+        has_out, xt, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         scale is not None, shift is not None, bias is not None,
         *layouts(NW, BM), num_warps=NW)
     return y
