@@ -19,8 +19,9 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 GEMV_MAX_M = 2
 # From this M on, the layer is decoded into a transient dense scratch and multiplied by cuBLAS (kernels/scratch.py).
 # On the H100 with the default outliers: M <= 16, the split-K dot kernel 0.41-0.65x cuBLAS vs scratch 0.31-0.39x;
-# from the M = 32 bucket on, the dot kernel 0.02-0.17x vs scratch 0.31-0.9x (benchmarks/lab/scratch_lab2_h100.json,
-# kernels_h100.json). NM16_SCRATCH_MIN_M overrides it (0 disables the path).
+# from the M = 32 bucket on, the dot kernel 0.02-0.17x vs scratch 0.31-0.9x
+# (benchmarks/results/raw/h100_lab/scratch_lab2_h100.json, kernels_h100.json). NM16_SCRATCH_MIN_M overrides it (0
+# disables the path).
 
 
 def m_bucket(M: int) -> int:
@@ -42,7 +43,7 @@ def table_key(N: int, K: int, bucket: int) -> str:
 
 
 def heuristic_config(N: int, K: int, M: int) -> dict:
-    """Rules distilled from the H100 lab runs (benchmarks/lab/lab*_h100.json, docs/KERNELS.md)."""
+    """Rules distilled from the H100 lab runs (benchmarks/results/raw/h100_lab/lab*_h100.json, docs/KERNELS.md)."""
     bucket = m_bucket(M)
     wide = N >= 16384          # enough output rows to fill 132 SMs without splitting K
     deep = K >= 8192

@@ -30,7 +30,8 @@ from vllm_nm16.kernels.triton_decode import _POS_MODE_OF_DTYPE, _decode_tile_816
 
 # Dense bytes decoded per chunk (see scratch_linear); 0 = the whole layer at once. Chunks bound the scratch memory
 # but cost time: on the H100, 4-32 MB chunks were never faster than one pass (0-190% slower, 8B shapes, M 16-4096)
-# (benchmarks/lab/scratch_lab2_h100.json): small unpack grids, no measurable L2 reuse. NM16_SCRATCH_CHUNK_MB sets it.
+# (benchmarks/results/raw/h100_lab/scratch_lab2_h100.json): small unpack grids, no measurable L2 reuse.
+# NM16_SCRATCH_CHUNK_MB sets it.
 
 
 @triton.jit
@@ -98,7 +99,8 @@ def unpack_to_dense(wv, wm, ov, oi, scale, *, n: int, m: int, outlier_block: int
     """The layer's effective weight ``scale * W_nm + W_out`` as a dense [out, in] tensor of ``dtype``: ``out`` if
     given (tests poison it), else a fresh ``torch.empty`` buffer (every element is written). ``rows`` x ``cols``
     elements per program (cols capped to fit the outlier block): 16 x 256 with 4 warps was the best of 18 configs on
-    all four Llama-3-8B shapes on the H100, 1.7-1.9 TB/s of read + write traffic (benchmarks/lab/scratch_lab1_h100.json)."""
+    all four Llama-3-8B shapes on the H100, 1.7-1.9 TB/s of read + write traffic
+    (benchmarks/results/raw/h100_lab/scratch_lab1_h100.json)."""
     N, K = out_features, in_features
     G = K // m
     has_out = bool(outliers_per_block)
