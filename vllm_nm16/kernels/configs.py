@@ -1,8 +1,9 @@
 """Launch configurations: a table tuned on the H100 (``configs_h100.json`` beside this file, written by
 ``benchmarks/kernel_lab.py --tune``), keyed by (N, K, M bucket), with a heuristic for shapes it does not hold.
 
-A config is a dict: ``kernel`` ("gemv" | "dot" | "scratch": decode to a transient dense weight + cuBLAS), block sizes ``BM`` (rows of x), ``BN`` (output rows), ``BG`` (groups
-of M columns per K step), ``num_warps``, ``num_stages`` and, for the dot kernel, ``GROUP_M``.
+A config is a dict: ``kernel`` ("gemv" | "dot" | "scratch": decode to a transient dense weight + cuBLAS), block
+sizes ``BM`` (rows of x), ``BN`` (output rows), ``BG`` (groups of M columns per K step), ``num_warps``,
+``num_stages`` and, for the dot kernel, ``GROUP_M``.
 """
 
 from __future__ import annotations
