@@ -1,8 +1,9 @@
-"""Gluon kernel for 8:16 at medium M (17..256 tokens): the fragment decode of gluon_nm16.py feeding ``wgmma``.
+"""Gluon kernel for 8:16 at medium M (17..128 tokens; any M runs): the fragment decode of gluon_nm16.py feeding
+``wgmma``.
 
 Why a second kernel: the mma_v2 kernel keeps x in registers (the B operand), which at 32+ tokens costs 64+ registers
 per warp and re-decodes W for every 32-token block. ``wgmma`` reads B from shared memory once per warpgroup, so one
-CTA decodes each W element once for up to ``BM`` = 256 tokens.
+CTA decodes each W element once for up to ``BM`` = 128 tokens.
 
 One CTA = ``NW`` warps (1 or 2 warpgroups) = ``16 * NW`` output rows, one block of ``BM`` tokens (the wgmma N).
 Per K step (128 columns):
@@ -17,9 +18,14 @@ Per K step (128 columns):
   while the warps decode step i + 1. Three x buffers make one CTA barrier per step enough: buffer (i + 1) % 3 was
   last read by the wgmma of step i - 2, which every warpgroup waited for before the previous step's barrier.
 
-Outliers (k per row and block of OB columns) are exact in fp32 on the CUDA cores after the main loop, in chunks of
-16 tokens (the scaled main result waits in shared memory); epilogue ``y = scale * acc + acc_outliers + shift +
-bias``.
+Split-K across CTAs (grid dim 2, ``SPLIT``): each CTA takes a contiguous range of K steps, so a layer with few 64-row
+tiles still fills the chip; the CTAs of a tile meet in an fp32 workspace and the last one to finish (a per-tile
+counter) sums the partials in a fixed order, writes y and resets the counter.
+
+Outliers (k per row and block of OB columns) are exact in fp32 on the CUDA cores after the main loop, per K split, in
+chunks of 16 tokens (the scaled main result waits in shared memory; with ``XT`` the x gathers read a zero-padded
+transpose of x, see gluon_nm16._x_at); epilogue ``y = scale * acc + acc_outliers + shift + bias``. The dispatcher
+(kernels.choose_config) sends M 17..64 here, 65..128 on layers without outliers (H200 measurements there).
 """
 
 from __future__ import annotations
