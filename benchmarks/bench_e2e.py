@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import error_from_log, kv_tokens_from_log, weights_gib_from_log
+from common import atomic_write, error_from_log, git, kv_tokens_from_log, weights_gib_from_log
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -82,9 +82,7 @@ def run_one(args: argparse.Namespace) -> dict:
                  "throughput": {}, "complete": False, **engine_kv_blocks(llm)}
 
     def save() -> None:  # after every measurement: a run stopped part-way keeps what it measured
-        tmp = args.child_json.with_suffix(".part")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, args.child_json)  # atomic: a kill mid-write leaves the previous version
+        atomic_write(args.child_json, json.dumps(out, indent=2))
 
     save()
     if args.start_only:
@@ -302,7 +300,7 @@ def recorded_settings(run: dict) -> dict:
 
 
 def environment() -> dict:
-    env = {"python": platform.python_version(), "argv": sys.argv, "commit": git_commit()}
+    env = {"python": platform.python_version(), "argv": sys.argv, "commit": git("rev-parse", "HEAD")}
     try:
         import torch
         import vllm
@@ -315,16 +313,6 @@ def environment() -> dict:
     except Exception as e:  # noqa: BLE001 - environment record only
         env["error"] = repr(e)
     return env
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout this script runs from (None where there is no git, e.g. a copied tree on a GPU host)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def merge(dense: dict, nm16: dict, args: argparse.Namespace) -> list[dict]:

@@ -1,5 +1,5 @@
-"""Shared by the GPU benchmark scripts: the layer shapes, the CUDA-graph timer and the readers of vLLM's log lines
-(weights GiB, KV-cache tokens, the error of a failed start).
+"""Shared by the benchmark scripts: the layer shapes, the CUDA-graph timer, the readers of vLLM's log lines
+(weights GiB, KV-cache tokens, the error of a failed start), atomic result writes and the git state of a run.
 
 A script in ``benchmarks/`` imports it as ``from common import SHAPES, graph_us`` (Python puts the script's folder
 first on ``sys.path``); the project itself (``vllm_nm16``, ``offline``) comes from the installed package.
@@ -7,7 +7,10 @@ first on ``sys.path``); the project itself (``vllm_nm16``, ``offline``) comes fr
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+from pathlib import Path
 
 # Linear layers of Llama-3 8B / 70B: name -> (N = out_features, K = in_features)
 SHAPES: dict[str, tuple[int, int]] = {
@@ -91,3 +94,20 @@ def error_from_log(text: str) -> tuple[str | None, list[str]]:
         if not any(g in msg for g in _GENERIC_ERRORS):
             return msg, lines
     return (lines[-1] if lines else None), lines
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill mid-write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git(*args: str) -> str | None:
+    """The output of ``git ARGS`` in this checkout (None without git, on failure or when empty)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=20)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -65,12 +67,6 @@ def matrix_rows() -> list[dict]:
     # Disentangling the full recipe: outliers + variance correction without equalization.
     rows.append(nm("sparsegpt", "8:16", "8:16 recipe", outliers="auto", variance_correction="channel"))
     return rows
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def bytes_per_weight(results: dict) -> dict:

@@ -25,26 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import kv_tokens_from_log  # noqa: E402
+from bench_e2e import LEGACY_SETTINGS  # noqa: E402  (settings of runs recorded before they existed)
+from common import git, kv_tokens_from_log  # noqa: E402
 
 # The settings issue 12 asks for: (model, engine, tp)
 PLANNED = [("70b", "nm16", 1), ("70b", "dense", 1), ("70b", "dense", 2), ("8b", "nm16", 1), ("8b", "dense", 1),
            ("8b", "nm16", 2), ("8b", "dense", 2)]
-LEGACY_SETTINGS = {"load_format": "auto", "skip_tokenizer_init": False, "tp": 1}
-
-
-def git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                             timeout=20)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def kernel_commit(commit: str | None) -> str | None:

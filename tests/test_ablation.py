@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 from offline.recipe import Recipe
 
-_spec = importlib.util.spec_from_file_location(
-    "ablation", Path(__file__).resolve().parent.parent / "benchmarks" / "ablation.py")
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))  # ablation.py imports common.py beside it, as it does when run as a script
+_spec = importlib.util.spec_from_file_location("ablation", BENCH / "ablation.py")
 ablation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablation)
 
