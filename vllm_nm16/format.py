@@ -245,11 +245,10 @@ def _byte_lut(bits: int, device: torch.device) -> torch.Tensor:
 
 def decode_mask(mask: torch.Tensor, m: int) -> torch.Tensor:
     """signed int [out, G] -> bool [out, G*M], through a byte lookup table (no [out, G, M] int64 intermediate)."""
-    out_f = mask.shape[0]
-    if m == 4:  # int8 holding 4 bits
-        return _byte_lut(4, mask.device)[mask.contiguous().view(torch.uint8).long()].reshape(out_f, -1)
-    # Little-endian bytes of an int8/16/32 group: byte i holds columns 8i..8i+7 of the group.
-    return _byte_lut(8, mask.device)[mask.contiguous().view(torch.uint8).long()].reshape(out_f, -1)
+    # Little-endian bytes of an int8/16/32 group: byte i holds columns 8i..8i+7 of the group (M = 4: one int8 holding
+    # 4 bits, so only the low 4 bits of its byte are columns).
+    lut = _byte_lut(4 if m == 4 else 8, mask.device)
+    return lut[mask.contiguous().view(torch.uint8).long()].reshape(mask.shape[0], -1)
 
 
 def kept_positions(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -74,26 +74,24 @@ def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_blo
     from vllm_nm16.kernels.configs import pick_config  # noqa: PLC0415
 
     M, K = x2d.shape
-    if allow_gluon and gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
-        return {"kernel": "gluon"}
     if allow_gluon and wgmma_choice(x2d, wv, wm, n=n, m=m, out_features=out_features,
                                     has_outliers=outlier_block is not None):
         return {"kernel": "wgmma"}
+    if allow_gluon and gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
+        return {"kernel": "gluon"}
     return pick_config(out_features, K, M, n=n, m=m, outlier_block=outlier_block)
 
 
 def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
-    """Whether the Gluon mma_v2 fragment kernel runs this call: it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M),
-    M <= 16 or no wgmma (pre-Hopper GPUs), and, at M = 1 and M > 16, the layer is large enough to beat the Triton
-    gemv / the scratch path."""
+    """Whether the Gluon mma_v2 fragment kernel runs this call (asked after :func:`wgmma_choice`, which takes M 17..
+    where it can run): it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M) and, at M = 1 and M > 16, the layer is
+    large enough to beat the Triton gemv / the scratch path."""
     if not x2d.is_cuda or x2d.shape[0] > GLUON_MAX_M:
         return False
     from vllm_nm16.kernels.gluon_nm16 import can_implement  # noqa: PLC0415
 
     M, K = x2d.shape
     ok, _ = can_implement(M, out_features, K, n, m, x2d, wv, wm)
-    if M > 16 and wgmma_choice(x2d, wv, wm, n=n, m=m, out_features=out_features, has_outliers=True):
-        return False
     return ok and (1 < M <= 16 or out_features * K >= GLUON_SMALL_LAYER_WEIGHTS)
 
 

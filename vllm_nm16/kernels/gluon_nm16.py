@@ -190,8 +190,8 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                          y_ptr, M, N, K, S, stride_ym, NO, XTS, XS: gl.constexpr,
                          ASM: gl.constexpr, DT: gl.constexpr, WK: gl.constexpr, WN: gl.constexpr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
-                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, XT: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr,
-                         OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
+                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, XT: gl.constexpr, OB: gl.constexpr,
+                         OK: gl.constexpr, OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
                          HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                          vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
     R: gl.constexpr = 16 * WN
@@ -274,7 +274,7 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                 acc_o += ov_c.to(gl.float32)[:, :, None] * xg.to(gl.float32)
         else:
             acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC, XT,
-                                           XTS)
+                                   XTS)
         res = res + gl.convert_layout(gl.sum(acc_o, axis=1), el)
     _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
 
@@ -425,13 +425,15 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     xt = has_out and bool(cfg["xt"]) and M > 1
     grid = (N // (16 * WN), -(-M // BM))
     nm16_fragment_kernel[grid](
-        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
+        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32),
+        wm.view(torch.int32), _table(x2d.device),
         ov if has_out else dummy, oi if has_out else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         bias if bias is not None else dummy, y,
         M, N, K, S, y.stride(0), NO, grid[1] * BM, x2d.stride(0),
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
-        has_out, bool(cfg["out_in_loop"]), xt, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
+        has_out, bool(cfg["out_in_loop"]), xt, outlier_block if has_out else 1,
+        outliers_per_block if has_out else 1,
         outlier_lanes(BM) * WK, scale is not None, shift is not None, bias is not None,
         *layouts(WK, WN, BM), num_warps=WK * WN)
     return y

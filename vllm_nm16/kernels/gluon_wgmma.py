@@ -317,7 +317,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
     tiles = (N // (16 * NW)) * -(-M // BM)
     steps = -(-K // fr.STEP_COLS)
     split = max(1, min(steps // 4, round(_CTAS_TO_FILL / tiles)))
-    return {"BM": BM, "NW": NW, "SPLIT": split if tiles <= MAX_TILES else 1, "XT": False}
+    return {"BM": BM, "NW": NW, "SPLIT": split, "XT": False}  # (the launcher drops SPLIT past MAX_TILES tiles)
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
@@ -361,7 +361,8 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     xt = has_out and bool(cfg["XT"])
     nm16_wgmma_kernel[grid](
-        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
+        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32),
+        wm.view(torch.int32), _table(x2d.device),
         ov if has_out else y, oi if has_out else y, scale if scale is not None else y,
         shift if shift is not None else y, bias if bias is not None else y, y, ws, _counters(x2d.device),
         M, N, K, S, y.stride(0), NO, grid[1] * BM, x2d.stride(0),
