@@ -29,7 +29,7 @@ VARIANTS = {  # name: (BM, WN, WK, outliers, outliers in the loop) -- the launch
     "BM8 bare": (8, 1, 4, False, True), "BM8 outliers": (8, 1, 4, True, True),
     "BM16 bare": (16, 1, 8, False, False), "BM16 outliers": (16, 1, 8, True, False),
     "BM32 bare": (32, 2, 4, False, False), "BM32 outliers": (32, 2, 4, True, False),
-    "BM8 outliers XT": (8, 1, 4, True, True, True), "BM16 outliers XT": (16, 1, 8, True, False, True),
+    "BM16 pre": (16, 1, 8, False, False, True),
 }
 
 
@@ -37,7 +37,7 @@ WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT) -- gluon_wgmma.pick_config
     "wgmma BM32 bare": (4, 32, False, 1), "wgmma BM32 outliers": (4, 32, True, 3),
     "wgmma BM64 bare": (4, 64, False, 1), "wgmma BM64 outliers": (4, 64, True, 4),
     "wgmma BM64 NW8 outliers": (8, 64, True, 1), "wgmma BM128 bare": (4, 128, False, 2),
-    "wgmma BM64 outliers XT": (4, 64, True, 4, True),
+    "wgmma BM64 NW8 pre": (8, 64, False, 1, True),
 }
 WGMMA_KEPT_PER_TRIP = 32  # 2 rows x 2 groups x 8 kept values per thread and K step
 
@@ -80,13 +80,13 @@ def _loop(sass: str) -> list[str]:
     return best
 
 
-def count(g, BM, WN, WK, has_out, in_loop, xt=False, K=4096) -> dict:
+def count(g, BM, WN, WK, has_out, in_loop, pre=False, K=4096) -> dict:
     from triton.experimental.gluon import language as gl
 
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
-                oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", M="i32",
-                N="i32", K="i32", S="i32", stride_ym="i32", NO="i32", XTS="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16,
-                WK=WK, WN=WN, BM=BM, EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, OUT_IN_LOOP=in_loop, XT=xt, OB=256,
+                oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", pre_ptr="*fp32",
+                y_ptr="*bf16", M="i32", N="i32", K="i32", S="i32", stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16,
+                WK=WK, WN=WN, BM=BM, EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, OUT_IN_LOOP=in_loop, HAS_PRE=pre, OB=256,
                 OK=4,
                 OC=g.outlier_lanes(BM) * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
     for name, lay in zip(("mma", "a_l", "b_l", "vl", "gl4", "xl", "ol"), g.make_layouts(WK, WN, BM)):
@@ -94,22 +94,22 @@ def count(g, BM, WN, WK, has_out, in_loop, xt=False, K=4096) -> dict:
     sig, cex, attrs = _signature(g.nm16_fragment_kernel, args)
     return _sass_stats(g.nm16_fragment_kernel, sig, cex, attrs, WK * WN, KEPT_PER_TRIP,
                        {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out,
-                        "XT": xt})
+                        "pre": pre})
 
 
-def count_wgmma(g, w, NW, BM, has_out, split, xt=False, K=4096) -> dict:
+def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096) -> dict:
     from triton.experimental.gluon import language as gl
 
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
-                oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
+                oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", pre_ptr="*fp32", y_ptr="*bf16",
                 ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", S="i32",
-                stride_ym="i32", NO="i32", XTS="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
-                EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, XT=xt, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
+                stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
+                EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
     for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), w.make_layouts(NW, BM)):
         args[name] = lay
     sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)
     return _sass_stats(w.nm16_wgmma_kernel, sig, cex, attrs, NW, WGMMA_KEPT_PER_TRIP,
-                       {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "XT": xt})
+                       {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "pre": pre})
 
 
 def _signature(kernel, args):

@@ -83,9 +83,12 @@ GLUON_CASES = [
     ("gluon_m256_fp16_out", 8, 16, 128, 256, 256, "float16", (64, 1), False, False, False, None, GLUON),
     ("gluon_m300_bf16_all_k160", 8, 16, 48, 160, 300, "bfloat16", (32, 2), True, True, True, None, GLUON),
     ("gluon_m1024_bf16_out", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None, GLUON),
-    ("gluon_m5_bf16_out_xt", 8, 16, 256, 4096, 5, "bfloat16", (256, 4), True, False, False, None, dict(GLUON, xt=True)),
-    ("gluon_m16_fp16_all_xt_k576", 8, 16, 96, 576, 16, "float16", (192, 3), True, True, True, None,
-     dict(GLUON, xt=True)),
+    ("gluon_m5_bf16_out_pre", 8, 16, 256, 4096, 5, "bfloat16", (256, 4), True, False, False, None,
+     dict(GLUON, pre=True)),
+    ("gluon_m16_fp16_all_pre_k576", 8, 16, 96, 576, 16, "float16", (192, 3), True, True, True, None,
+     dict(GLUON, pre=True)),
+    ("gluon_m40_bf16_all_pre_ob64", 8, 16, 128, 1024, 40, "bfloat16", (64, 1), True, True, True, None,
+     dict(GLUON, pre=True)),
 ]
 # The wgmma kernel (sm_90), forced: every M class incl. several token blocks, K tails, split-K (auto and forced,
 # counters reused across cases), 4 and 8 warps, both dtypes.
@@ -102,10 +105,12 @@ WGMMA_CASES = [
     ("wgmma_m300_bf16_all_k160", 8, 16, 64, 160, 300, "bfloat16", (32, 2), True, True, True, None, WGMMA),
     ("wgmma_m1024_bf16_out_bm32", 8, 16, 64, 512, 1024, "bfloat16", (256, 4), True, False, False, None,
      dict(WGMMA, BM=32)),
-    ("wgmma_m45_bf16_out_xt", 8, 16, 256, 4096, 45, "bfloat16", (256, 4), True, True, False, None,
-     dict(WGMMA, XT=True)),
-    ("wgmma_m130_fp16_all_xt_k576", 8, 16, 192, 576, 130, "float16", (192, 3), True, True, True, None,
-     dict(WGMMA, XT=True, SPLIT=2)),
+    ("wgmma_m45_bf16_out_pre", 8, 16, 256, 4096, 45, "bfloat16", (256, 4), True, True, False, None,
+     dict(WGMMA, PRE=True)),
+    ("wgmma_m130_fp16_all_pre_k576", 8, 16, 192, 576, 130, "float16", (192, 3), True, True, True, None,
+     dict(WGMMA, PRE=True, SPLIT=2)),
+    ("wgmma_m64_bf16_all_pre_nosplit", 8, 16, 512, 2048, 64, "bfloat16", (256, 4), True, True, True, None,
+     dict(WGMMA, PRE=True, SPLIT=1)),
 ]
 
 

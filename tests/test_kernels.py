@@ -68,6 +68,37 @@ def test_padded_transpose_interpreted():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
+def test_outlier_product_interpreted():
+    """kernels/outliers.py (the outlier pass the Gluon kernels can add in their epilogue) under TRITON_INTERPRET, on
+    fresh random layers: o = x @ W_out.T against the float64 reference with and without outliers (their difference);
+    ragged M and N, 192- and 64-column blocks, fp16; bad shapes are refused by name."""
+    code = (
+        "import torch\n"
+        "from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear\n"
+        "from vllm_nm16.kernels.outliers import outlier_product\n"
+        "for N, K, M, k, B, dt in ((64, 512, 5, 4, 256, torch.bfloat16), (48, 384, 17, 3, 192, torch.float16),\n"
+        "                          (80, 256, 70, 1, 64, torch.bfloat16), (16, 256, 1, 4, 256, torch.bfloat16)):\n"
+        "    t = random_layer(N, K, outlier_block=B, outliers_per_block=k, dtype=dt)\n"
+        "    v, mk, ov, oi, _, _ = layer_args(t)\n"
+        "    x = torch.randn(M, K).to(dt)\n"
+        "    kw = dict(n=8, m=16, outlier_block=B, outliers_per_block=k)\n"
+        "    ref = reference_linear(x, v, mk, ov, oi, None, None, None, **kw) - \\\n"
+        "        reference_linear(x, v, mk, None, None, None, None, None, n=8, m=16, outlier_block=None,\n"
+        "                         outliers_per_block=0)\n"
+        "    o = outlier_product(x, ov, oi, N=N, outlier_block=B, outliers_per_block=k, in_features=K)\n"
+        "    err = float((o.double() - ref).norm() / ref.norm())\n"
+        "    assert o.shape == (M, N) and o.dtype == torch.float32 and err < 1e-5, (N, K, M, err)\n"
+        "try:\n"
+        "    outlier_product(x, ov[:, 1:], oi, N=N, outlier_block=B, outliers_per_block=k, in_features=K)\n"
+        "    raise SystemExit('bad outlier shape accepted')\n"
+        "except ValueError as e:\n"
+        "    assert 'outliers' in str(e), e\n"
+        "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1"))
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
 def test_byte_lut_decodes_every_8_of_16_mask():
     from itertools import combinations
 

@@ -49,7 +49,7 @@ def main():
         cases.append((N, K, 8, torch.bfloat16, 0, B, False, False, False))
     for cfg in ({"WK": 2}, {"WK": 16}, {"WK": 4, "WN": 2}, {"out_in_loop": True, "BM": 16},
                 {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8},
-                {"xt": True}, {"xt": True, "BM": 16, "out_in_loop": True}):
+                {"pre": True}, {"pre": True, "BM": 16, "out_in_loop": True}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
     if args.kernel == "wgmma":  # the wgmma kernel: every M class it serves, configs, tails, both dtypes
@@ -63,7 +63,7 @@ def main():
             cases.append((N, K, 64, torch.bfloat16, 0, B, False, False, False, {"kernel": "wgmma"}))
         for cfg in ({"BM": 32, "NW": 4, "SPLIT": 1}, {"BM": 64, "NW": 4, "SPLIT": 3}, {"BM": 128, "NW": 8},
                     {"BM": 16, "NW": 8, "SPLIT": 5}, {"BM": 128, "NW": 4, "SPLIT": 8}, {"SPLIT": 32},
-                    {"XT": True}, {"XT": True, "BM": 32, "SPLIT": 3}):
+                    {"PRE": True}, {"PRE": True, "BM": 32, "SPLIT": 3}):
             cases.append((2048, 4096, 77, torch.bfloat16, 4, 256, True, False, False, dict(cfg, kernel="wgmma")))
             cases.append((2048, 4096, 200, torch.bfloat16, 0, 256, False, False, True, dict(cfg, kernel="wgmma")))
     for c in cases:

@@ -5,9 +5,9 @@ Importing this package is cheap and needs neither CUDA nor Triton: the Triton mo
 * :func:`repack` -- once per layer (``process_weights_after_loading``): on-disk tensors -> the kernels' layout.
 * :func:`nm16_linear` -- ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M, K] bf16/fp16, fp32
   accumulation. :func:`choose_config` picks the kernel from ``x.shape[0]`` (a Python int): the Gluon fragment kernels
-  (8:16: gluon_nm16.py mma_v2 at M <= 16, gluon_wgmma.py wgmma at M 17..64, 128 without outliers, on sm_90), the
-  Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on small layers) or decode-to-scratch +
-  cuBLAS (scratch.py, large M). All are CUDA-graph and torch.compile safe (no host syncs, no data-dependent shapes,
+  (8:16: gluon_nm16.py mma_v2 at M <= 16, gluon_wgmma.py wgmma at M 17..128 on sm_90, whose outliers run first as
+  their own pass, outliers.py), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
+  small layers) or decode-to-scratch + cuBLAS (scratch.py, large M). All are CUDA-graph and torch.compile safe (no host syncs, no data-dependent shapes,
   output from ``torch.empty``; the wgmma kernel's split-K counters are made before capture and reset by the kernel).
 """
 
@@ -74,8 +74,7 @@ def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_blo
     from vllm_nm16.kernels.configs import pick_config  # noqa: PLC0415
 
     M, K = x2d.shape
-    if allow_gluon and wgmma_choice(x2d, wv, wm, n=n, m=m, out_features=out_features,
-                                    has_outliers=outlier_block is not None):
+    if allow_gluon and wgmma_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
         return {"kernel": "wgmma"}
     if allow_gluon and gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
         return {"kernel": "gluon"}
@@ -95,18 +94,17 @@ def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
     return ok and (1 < M <= 16 or out_features * K >= GLUON_SMALL_LAYER_WEIGHTS)
 
 
-# The wgmma kernel (gluon_wgmma.py, sm_90) runs M = WGMMA_MIN_M.. up to WGMMA_MAX_M tokens, or up to
-# WGMMA_MAX_M_BARE on layers without outliers. H200, benchmarks/results/kernels_h200.json and
-# benchmarks/results/raw/h200/wg_bench_*.json: with outliers 4/256 + scale it beat the mma_v2 kernel at M = 32 on all
-# 7 Llama-3 shapes (0.53-0.71x vs 0.36-0.53x cuBLAS) and the scratch path at M = 64 (0.32-0.42x vs 0.25-0.31x), not
-# at M = 128 (its outlier pass); bare 8:16 it beat the scratch path up to M = 128 (0.39-0.62x vs 0.31-0.38x).
-WGMMA_MIN_M, WGMMA_MAX_M, WGMMA_MAX_M_BARE = 17, 64, 128
+# The wgmma kernel (gluon_wgmma.py, sm_90) runs M = WGMMA_MIN_M..WGMMA_MAX_M tokens. H200: bare 8:16 it beat the
+# scratch path up to M = 128 (0.39-0.62x vs 0.31-0.38x cuBLAS, benchmarks/results/raw/h200/wg_bench_*.json); with
+# outliers 4/256 + scale it did so only up to M = 64 while it computed the outliers itself, and up to M = 128 (on 6 of
+# the 7 Llama-3 shapes, equal on 8B o) once they ran as their own pass (raw/h200/pre_variants_v1.json).
+WGMMA_MIN_M, WGMMA_MAX_M = 17, 128
 
 
-def wgmma_choice(x2d, wv, wm, *, n: int, m: int, out_features: int, has_outliers: bool) -> bool:
+def wgmma_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
     """Whether the wgmma kernel runs this call (it can, and M is in its range)."""
     M = x2d.shape[0]
-    if not x2d.is_cuda or not WGMMA_MIN_M <= M <= (WGMMA_MAX_M if has_outliers else WGMMA_MAX_M_BARE):
+    if not x2d.is_cuda or not WGMMA_MIN_M <= M <= WGMMA_MAX_M:
         return False
     from vllm_nm16.kernels.gluon_wgmma import can_implement  # noqa: PLC0415
 

@@ -25,7 +25,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from vllm_nm16.kernels import fragment as fr
-from vllm_nm16.kernels.transpose import padded_transpose
+from vllm_nm16.kernels.outliers import outlier_product
 
 MAX_M = 32
 
@@ -120,22 +120,20 @@ def _out_load(ov_ptr, oi_ptr, r_o, c_o, c, NO, OC: gl.constexpr):
 
 @gluon.jit
 def _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS: gl.constexpr, OB: gl.constexpr, OK: gl.constexpr,
-                OC: gl.constexpr, XT: gl.constexpr, XTS):
+                OC: gl.constexpr):
     """x at the columns of chunk ``c``'s outliers: [16, OC, BM] (slot o of a row is in block o // OK)."""
     slot = c * OC + c_o
     ok = (slot + r_o * 0) < NO
     col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
-    return _x_at(x_ptr, col, m_o, ok, M, XS, XT, XTS)
+    return _x_at(x_ptr, col, m_o, ok, M, XS)
 
 
 @gluon.jit
-def _x_at(x_ptr, col, m_o, ok, M, XS: gl.constexpr, XT: gl.constexpr, XTS):
-    """x at columns ``col`` [R, OC] for tokens ``m_o`` [1, 1, T], 0 where not ``ok``: ``x_ptr`` is x [M, XS] or, with
-    XT, its zero-padded transpose [K, XTS] (transpose.py: tokens contiguous, no token mask -> vector loads)."""
-    if XT:
-        return gl.load(x_ptr + col[:, :, None] * XTS + m_o, mask=ok[:, :, None] & (m_o >= 0), other=0)
-    else:
-        return gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
+def _x_at(x_ptr, col, m_o, ok, M, XS: gl.constexpr):
+    """x [M, XS] at columns ``col`` [R, OC] for tokens ``m_o`` [1, 1, T], 0 where not ``ok``. (Gathering from a
+    zero-padded transpose instead, tokens contiguous, measured slower here on the H200: 8B gate_up M = 8 78.1 vs
+    63.6 us, M = 64 (wgmma) 170.7 vs 150.1 us; the transpose serves outliers.py.)"""
+    return gl.load(x_ptr + col[:, :, None] + m_o * XS, mask=ok[:, :, None] & (m_o < M), other=0)
 
 
 @gluon.jit
@@ -172,12 +170,12 @@ def _mma_step(acc, v, mk, xx, tab_cl, tab_kk, ASM: gl.constexpr, WK: gl.constexp
 
 @gluon.jit
 def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, XS: gl.constexpr, OB: gl.constexpr,
-                   OK: gl.constexpr, OC: gl.constexpr, XT: gl.constexpr, XTS):
+                   OK: gl.constexpr, OC: gl.constexpr):
     """Outlier chunks c_first.. after the main loop (the next chunk's offsets load while this one's x is gathered)."""
     n_chunks = (NO + OC - 1) // OC
     ov, oi = _out_load(ov_ptr, oi_ptr, r_o, c_o, c_first, NO, OC)
     for c in range(c_first, n_chunks):
-        xg = _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC, XT, XTS)
+        xg = _out_gather(x_ptr, oi, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
         ov_n, oi_n = _out_load(ov_ptr, oi_ptr, r_o, c_o, c + 1, NO, OC)
         acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
         ov = ov_n
@@ -187,10 +185,10 @@ def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, 
 
 @gluon.jit
 def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                         y_ptr, M, N, K, S, stride_ym, NO, XTS, XS: gl.constexpr,
+                         pre_ptr, y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
                          ASM: gl.constexpr, DT: gl.constexpr, WK: gl.constexpr, WN: gl.constexpr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
-                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, XT: gl.constexpr, OB: gl.constexpr,
+                         HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, HAS_PRE: gl.constexpr, OB: gl.constexpr,
                          OK: gl.constexpr, OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
                          HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                          vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
@@ -224,7 +222,9 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
     n_iter = (S + WK - 1) // WK
     # The decode's table words, per thread (a thread-varying 0 offset the compiler cannot fold: a uniform load
     # lands in uniform registers, which ptxas then copies into a regular register before every prmt).
-    lane0 = gl.convert_layout(gl.reshape(col_v, [WK, R, 2, 4]) >> 30, gl4)
+    # (from the lane's t alone, so a thread's four copies are one value: one register each, not four)
+    t_l = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl4))))[None, None, None, :]
+    lane0 = ((t_l + K) >> 30) + gl.zeros([WK, R, 2, 4], gl.int32, layout=gl4)
     tab_cl = gl.load(tab_ptr + lane0)
     tab_kk = gl.load(tab_ptr + 1 + lane0)
     if HAS_OUT:
@@ -246,7 +246,7 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                                 K, WK, EVEN_K, EVEN_X)
         if HAS_OUT:
             if OUT_IN_LOOP:
-                xg = _out_gather(x_ptr, oi_a, r_o, c_o, m_o, i // 2, M, NO, XS, OB, OK, OC, XT, XTS)
+                xg = _out_gather(x_ptr, oi_a, r_o, c_o, m_o, i // 2, M, NO, XS, OB, OK, OC)
                 ov_b, oi_b = _out_load(ov_ptr, oi_ptr, r_o, c_o, i // 2 + 1, NO, OC)
         acc = _mma_step(acc, va, ma, xa, tab_cl, tab_kk, ASM, WK, R, BM, DT, gl4, a_l, b_l)
         # (past the end on the last even trip: re-read the last step instead of masking, and drop it)
@@ -270,19 +270,22 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
         if OUT_IN_LOOP:
             for c in range(n_iter // 2, (NO + OC - 1) // OC):  # chunks the loop did not reach (rare)
                 ov_c, oi_c = _out_load(ov_ptr, oi_ptr, r_o, c_o, c, NO, OC)
-                xg = _out_gather(x_ptr, oi_c, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC, XT, XTS)
+                xg = _out_gather(x_ptr, oi_c, r_o, c_o, m_o, c, M, NO, XS, OB, OK, OC)
                 acc_o += ov_c.to(gl.float32)[:, :, None] * xg.to(gl.float32)
         else:
-            acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC, XT,
-                                   XTS)
+            acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC)
         res = res + gl.convert_layout(gl.sum(acc_o, axis=1), el)
-    _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+    _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, pre_ptr, M, N, stride_ym, HAS_SHIFT, HAS_BIAS, HAS_PRE)
 
 
 @gluon.jit
-def _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT: gl.constexpr,
-              HAS_BIAS: gl.constexpr):
-    """y[toks, rows] = res + shift + bias (res: [rows, toks] fp32, scale and outliers already in)."""
+def _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, pre_ptr, M, N, stride_ym, HAS_SHIFT: gl.constexpr,
+              HAS_BIAS: gl.constexpr, HAS_PRE: gl.constexpr):
+    """y[toks, rows] = res + pre + shift + bias (res: [rows, toks] fp32 with the scale in; pre: the outlier product
+    of outliers.py, fp32 [M, N], when the kernel did not compute the outliers itself)."""
+    if HAS_PRE:
+        res = res + gl.load(pre_ptr + toks[None, :] * N + rows[:, None], mask=(toks[None, :] + rows[:, None] * 0) < M,
+                            other=0.0)
     if HAS_SHIFT:
         res = res + gl.load(shift_ptr + rows)[:, None]
     if HAS_BIAS:
@@ -359,7 +362,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
             WK = _fill_warps(N // (16 * WN), WN, 8 // WN)
     fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
-    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "xt": False}
+    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
@@ -402,6 +405,18 @@ def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, wv: tor
     return x2d, y
 
 
+def outlier_pass(cfg: dict, x2d: torch.Tensor, ov, oi, N: int, outlier_block: int, outliers_per_block: int,
+                 in_features: int) -> tuple[bool, torch.Tensor | None]:
+    """(whether the kernel computes the outliers itself, the outlier product it adds instead or None): with config
+    key ``pre`` the outliers run first as their own pass (outliers.py) and the kernel's epilogue adds it."""
+    if not outliers_per_block:
+        return False, None
+    if not cfg.get("pre"):
+        return True, None
+    return False, outlier_product(x2d, ov, oi, N=N, outlier_block=outlier_block,
+                                  outliers_per_block=outliers_per_block, in_features=in_features)
+
+
 def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, scale, shift, bias, *,
                     outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
                     config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -417,22 +432,20 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK = cfg["BM"], cfg["WN"], cfg["WK"]
     S = -(-K // fr.STEP_COLS)
-    has_out = bool(outliers_per_block)
+    has_out, pre = outlier_pass(cfg, x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     dummy = y
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0 and S % WK == 0
-    xt = has_out and bool(cfg["xt"]) and M > 1
     grid = (N // (16 * WN), -(-M // BM))
     nm16_fragment_kernel[grid](
-        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32),
-        wm.view(torch.int32), _table(x2d.device),
+        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
         ov if has_out else dummy, oi if has_out else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
-        bias if bias is not None else dummy, y,
-        M, N, K, S, y.stride(0), NO, grid[1] * BM, x2d.stride(0),
+        bias if bias is not None else dummy, pre if pre is not None else dummy, y,
+        M, N, K, S, y.stride(0), NO, x2d.stride(0),
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
-        has_out, bool(cfg["out_in_loop"]), xt, outlier_block if has_out else 1,
+        has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
         outlier_lanes(BM) * WK, scale is not None, shift is not None, bias is not None,
         *layouts(WK, WN, BM), num_warps=WK * WN)

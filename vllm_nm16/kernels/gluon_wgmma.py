@@ -22,9 +22,9 @@ Split-K across CTAs (grid dim 2, ``SPLIT``): each CTA takes a contiguous range o
 tiles still fills the chip; the CTAs of a tile meet in an fp32 workspace and the last one to finish (a per-tile
 counter) sums the partials in a fixed order, writes y and resets the counter.
 
-Outliers (k per row and block of OB columns) are exact in fp32 on the CUDA cores after the main loop, per K split, in
-chunks of 16 tokens (the scaled main result waits in shared memory; with ``XT`` the x gathers read a zero-padded
-transpose of x, see gluon_nm16._x_at); epilogue ``y = scale * acc + acc_outliers + shift + bias``. The dispatcher
+Outliers (k per row and block of OB columns) are exact in fp32 on the CUDA cores: either as their own pass first
+(config ``PRE``: outliers.py, added in the epilogue) or after the main loop, per K split, in chunks of 16 tokens (the
+scaled main result waits in shared memory); epilogue ``y = scale * acc + outliers + shift + bias``. The dispatcher
 (kernels.choose_config) sends M 17..64 here, 65..128 on layers without outliers (H200 measurements there).
 """
 
@@ -37,8 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                   warpgroup_mma_wait)
 
 from vllm_nm16.kernels import fragment as fr
-from vllm_nm16.kernels.gluon_nm16 import _ASM, _can_run, _epilogue, _table, _to_half, _x_at, launch_inputs
-from vllm_nm16.kernels.transpose import padded_transpose
+from vllm_nm16.kernels.gluon_nm16 import (_ASM, _can_run, _epilogue, _table, _to_half, _x_at, launch_inputs,
+                                           outlier_pass)
 
 TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
 
@@ -138,9 +138,9 @@ def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.co
 
 @gluon.jit
 def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                      y_ptr, ws_ptr, cnt_ptr, M, N, K, S, stride_ym, NO, XTS, XS: gl.constexpr,
+                      pre_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
                       ASM: gl.constexpr, DT: gl.constexpr, NW: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
-                      EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, XT: gl.constexpr,
+                      EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, HAS_PRE: gl.constexpr,
                       OB: gl.constexpr,
                       OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
                       acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr,
@@ -222,25 +222,27 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
             m_o = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
             acc_o = gl.zeros([R, OC, TB], gl.float32, layout=ol)
             slot = s_lo + c_o + r_o * 0
-            ov, xg = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS, OB, OK, XT)
+            ov, xg = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS, OB, OK)
             for c in range(n_chunks):
                 slot = slot + OC
-                ov_n, xg_n = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS,
-                                        OB, OK, XT)
+                ov_n, xg_n = _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS, OB,
+                                        OK)
                 acc_o += ov.to(gl.float32)[:, :, None] * xg.to(gl.float32)
                 ov = ov_n
                 xg = xg_n
             res = res_s.slice(tb * TB, TB, dim=1).load(el) + gl.sum(acc_o, axis=1)
             toks = m0 + tb * TB + gl.arange(0, TB, layout=gl.SliceLayout(0, el))
             if SPLIT == 1:
-                _epilogue(res, rows_e, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+                _epilogue(res, rows_e, toks, y_ptr, shift_ptr, bias_ptr, pre_ptr, M, N, stride_ym, HAS_SHIFT,
+                          HAS_BIAS, HAS_PRE)
             else:
                 gl.store(ws_ptr + (sk * M + toks[None, :]) * N + rows_e[:, None], res,
                          mask=(toks[None, :] + rows_e[:, None] * 0) < M)
     else:
         toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l))
         if SPLIT == 1:
-            _epilogue(acc, rows, toks, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+            _epilogue(acc, rows, toks, y_ptr, shift_ptr, bias_ptr, pre_ptr, M, N, stride_ym, HAS_SHIFT, HAS_BIAS,
+                      HAS_PRE)
         else:
             gl.store(ws_ptr + (sk * M + toks[None, :]) * N + rows[:, None], acc,
                      mask=(toks[None, :] + rows[:, None] * 0) < M)
@@ -258,20 +260,21 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
             tot = gl.zeros([R, BM], gl.float32, layout=fl)
             for q in gl.static_range(SPLIT):
                 tot += gl.load(ws_ptr + q * M * N + off, mask=ok_f, other=0.0, cache_modifier=".cg")
-            _epilogue(tot, rows_f, toks_f, y_ptr, shift_ptr, bias_ptr, M, stride_ym, HAS_SHIFT, HAS_BIAS)
+            _epilogue(tot, rows_f, toks_f, y_ptr, shift_ptr, bias_ptr, pre_ptr, M, N, stride_ym, HAS_SHIFT, HAS_BIAS,
+                      HAS_PRE)
             gl.store(cnt_ptr + tile, 0)
 
 
 @gluon.jit
-def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XTS, XS: gl.constexpr,
-               OB: gl.constexpr, OK: gl.constexpr, XT: gl.constexpr):
+def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS: gl.constexpr,
+               OB: gl.constexpr, OK: gl.constexpr):
     """One chunk of outlier slots [R, OC] (0 past s_hi or outside the CTA's columns) and x at their columns
-    [R, OC, TB] (slot o of a row is in block o // OK; x_ptr: x, or with XT its padded transpose, see _x_at)."""
+    [R, OC, TB] (slot o of a row is in block o // OK)."""
     ov = gl.load(ov_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
     oi = gl.load(oi_ptr + r_o * NO + slot, mask=slot < s_hi, other=0)
     col = (slot // OK) * OB + (oi.to(gl.int32) & 0xFFFF)
     ok = (slot < s_hi) & (col >= c_lo) & (col < c_hi)
-    return ov, _x_at(x_ptr, col, m_o, ok, M, XS, XT, XTS)
+    return ov, _x_at(x_ptr, col, m_o, ok, M, XS)
 
 
 # ------------------------------------------------------------------------------------------------------ launcher
@@ -317,7 +320,9 @@ def pick_config(M: int, N: int, K: int) -> dict:
     tiles = (N // (16 * NW)) * -(-M // BM)
     steps = -(-K // fr.STEP_COLS)
     split = max(1, min(steps // 4, round(_CTAS_TO_FILL / tiles)))
-    return {"BM": BM, "NW": NW, "SPLIT": split, "XT": False}  # (the launcher drops SPLIT past MAX_TILES tiles)
+    # outliers as their own pass first (outliers.py): 8B gate_up M = 64 113.6 vs 151.3 us in the kernel, 70B gate_up
+    # 385.6 vs 609.0 us (raw/h200/pre_variants_v1.json, before the pass's launch shapes were tuned)
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": True}  # (the launcher drops SPLIT past MAX_TILES tiles)
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
@@ -354,20 +359,18 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     grid = (N // (16 * NW), -(-M // BM), split)
     if grid[0] * grid[1] > MAX_TILES:
         split, grid = 1, grid[:2] + (1,)
-    has_out = bool(outliers_per_block)
+    has_out, pre = outlier_pass({"pre": cfg["PRE"]}, x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
-    xt = has_out and bool(cfg["XT"])
     nm16_wgmma_kernel[grid](
-        padded_transpose(x2d, grid[1] * BM) if xt else x2d, x2d.view(torch.int32), wv.view(torch.int32),
-        wm.view(torch.int32), _table(x2d.device),
+        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
         ov if has_out else y, oi if has_out else y, scale if scale is not None else y,
-        shift if shift is not None else y, bias if bias is not None else y, y, ws, _counters(x2d.device),
-        M, N, K, S, y.stride(0), NO, grid[1] * BM, x2d.stride(0),
+        shift if shift is not None else y, bias if bias is not None else y, pre if pre is not None else y, y, ws,
+        _counters(x2d.device), M, N, K, S, y.stride(0), NO, x2d.stride(0),
         _ASM, DT, NW, BM, split, even_k, even_k and M % BM == 0,
-        has_out, xt, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
+        has_out, pre is not None, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         scale is not None, shift is not None, bias is not None,
         *layouts(NW, BM), num_warps=NW)
     return y
