@@ -28,6 +28,10 @@ from pathlib import Path
 
 from common import SHAPES, graph_us as _graph_us  # benchmarks/common.py (the script folder is on sys.path)
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the kernels' launch-shape rules (sass_per_kept) without an installed checkout
+    sys.path.insert(1, str(ROOT))
+
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -193,6 +197,37 @@ def measure(args) -> dict:
     return out
 
 
+SASS_JSON = Path(__file__).resolve().parent / "results" / "sass_h200.json"
+
+
+def sass_per_kept(row: dict, variants: dict) -> float | None:
+    """SASS instructions per kept value of the main loop that served ``row`` (sass_count.py's compile of the same
+    kernel with the same BM, warps and outliers-in-the-kernel choice as the launcher's pick_config for this M, N, K in
+    this checkout); None where that variant was not compiled or the row ran another kernel."""
+    M, N, K = row["M"], row["N"], row["K"]
+    if row["kernel"] == "gluon":
+        from vllm_nm16.kernels.gluon_nm16 import pick_config
+
+        c = pick_config(M, N, K)
+        want = {"BM": c["BM"], "outliers": row["outliers"] and not c["pre"]}
+        found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]
+                 and v["outliers"] == want["outliers"] and (not want["outliers"] or v["outliers_in_loop"] ==
+                                                             c["out_in_loop"])]
+    elif row["kernel"] == "wgmma":
+        from vllm_nm16.kernels.gluon_wgmma import pick_config
+
+        c = pick_config(M, N, K)
+        found = [v for v in variants.values() if v.get("kernel") == "wgmma" and v["BM"] == c["BM"]
+                 and v["NW"] == c["NW"] and v["outliers"] == (row["outliers"] and not c["PRE"])]
+    else:
+        return None
+    return found[0]["sass_per_kept"] if found else None
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -201,6 +236,12 @@ def plot(path: Path) -> None:
 
     data = json.loads(path.read_text())
     rows, h = data["rows"], data["header"]
+    if SASS_JSON.is_file():  # the loop's SASS per kept value, where known (compiled on the CPU: sass_count.py)
+        variants = json.loads(SASS_JSON.read_text())["variants"]
+        for r in rows:
+            r["sass_per_kept"] = sass_per_kept(r, variants)
+        h["sass_source"] = f"{SASS_JSON.relative_to(ROOT)} (benchmarks/sass_count.py; launch shapes of this checkout)"
+        path.write_text(json.dumps(data, indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, with_out in zip(axes, (True, False)):
         for name in dict.fromkeys(r["shape"] for r in rows):
@@ -223,8 +264,9 @@ def plot(path: Path) -> None:
              f"(both measured in the same run). Command: `{h['command']}`. {h['timing']}.", "",
              "nm16 = 8:16 with outliers (k=%d per %d columns) + per-row scale; bare = no outliers/scale. "
              "%%floor = max(byte floor, FLOP floor) / time." % (h["outliers_k"], h["outlier_block"]), "",
-             "| shape | N x K | M | cuBLAS µs | nm16 µs | speedup | %floor | bare µs | bare speedup | bare %floor | kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | N x K | M | cuBLAS µs | nm16 µs | speedup | %floor | bare µs | bare speedup | bare %floor | kernel "
+             "| SASS/kept (nm16 / bare) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keyed = {(r["shape"], r["M"], r["outliers"]): r for r in rows}
     for name in dict.fromkeys(r["shape"] for r in rows):
         for M in sorted({r["M"] for r in rows if r["shape"] == name}):
@@ -233,7 +275,8 @@ def plot(path: Path) -> None:
                 continue
             lines.append(f"| {name} | {a['N']}x{a['K']} | {M} | {a['dense_us']:.1f} | {a['nm16_us']:.1f} | "
                          f"{a['speedup']:.2f} | {a['pct_of_floor']:.0f} | {b['nm16_us']:.1f} | {b['speedup']:.2f} | "
-                         f"{b['pct_of_floor']:.0f} | {a['kernel']} |")
+                         f"{b['pct_of_floor']:.0f} | {a['kernel']} | {_fmt(a.get('sass_per_kept'))} / "
+                         f"{_fmt(b.get('sass_per_kept'))} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {path.with_suffix('.png')} and {path.with_suffix('.md')}")
 

@@ -37,7 +37,7 @@ WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT) -- gluon_wgmma.pick_config
     "wgmma BM32 bare": (4, 32, False, 1), "wgmma BM32 outliers": (4, 32, True, 3),
     "wgmma BM64 bare": (4, 64, False, 1), "wgmma BM64 outliers": (4, 64, True, 4),
     "wgmma BM64 NW8 outliers": (8, 64, True, 1), "wgmma BM128 bare": (4, 128, False, 2),
-    "wgmma BM64 NW8 pre": (8, 64, False, 1, True),
+    "wgmma BM64 NW8 pre": (8, 64, False, 1, True), "wgmma BM128 NW8 bare": (8, 128, False, 1),
 }
 WGMMA_KEPT_PER_TRIP = 32  # 2 rows x 2 groups x 8 kept values per thread and K step
 

@@ -1,7 +1,12 @@
 """Launch nm16 kernel configs once each, for Nsight Compute (GPU host; where the stall cycles of a kernel go).
 
-    ncu --clock-control none -k regex:nm16 --section WarpStateStats ... \\
-        python3 benchmarks/gpu/ncu_probe.py 28672x4096:8:gluon:0 28672x4096:64:wgmma:1 ...
+    ncu --clock-control none -k regex:nm16 --section SpeedOfLight --section WarpStateStats \\
+        --section SchedulerStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \\
+        --section SourceCounters python3 benchmarks/gpu/ncu_probe.py 28672x4096:8:gluon:0 28672x4096:8:gluon:1 \\
+        28672x4096:16:gluon:0 28672x4096:16:gluon:1 28672x4096:64:wgmma:0 28672x4096:64:wgmma:1 4096x4096:8:gluon:0
+
+(the command behind benchmarks/results/raw/h200/ncu_session6.txt, on the kernels of commit 3a204a5; each case shows
+up twice there: the checked launch and the NVTX-ranged one.)
 
 A case is ``NxK:M:KERNEL:OUTLIERS[:JSON config overrides]`` (OUTLIERS 1 = 4 per 256 columns + scale, 0 = bare 8:16).
 Each case is checked against the float64 reference first (an unprofiled warm-up launch compiles it), then launched

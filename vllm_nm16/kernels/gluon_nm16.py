@@ -340,7 +340,9 @@ def pick_config(M: int, N: int, K: int) -> dict:
     * BM = 8: WK = 4 warps split K (beat the fill rule's choice on every swept shape at M = 1 and 8, by 0-27%).
     * BM = 16: the fill rule (gate_up WK = 1: 77.9 us, against 147.8 us with WK = 8; down WK = 8: 46.8 us; 70B o WK
       = 4: 49.2 us), except where the 16-row blocks about fill one wave of 3 CTAs per SM (300-396 blocks, 8B qkv):
-      WK = 4, 23.6 us against 33.4 us.
+      WK = 4, 23.6 us against 33.4 us; and at most K / 1024 (8 K steps per warp): 8B o 18.2 vs 22.3 us with the fill
+      rule's WK = 8 (raw/h200/m16_variants.json, where WK = 2 / 4, two 8-token blocks and the wgmma kernel at BM = 16
+      measured no faster on the other six shapes).
     * BM = 32: WN = 4 warps along N share x through L1 with WK = 2 on layers up to 8192 x 8192 (8B qkv 44.9 vs
       54.5 us, 70B o 80.7 vs 90.2 us); else WN = 2 and the fill rule (gate_up WK = 1: 148 us; down WK = 4: 72.8 us).
     * Outliers inside the main loop for BM = 8; after it for larger BM (the in-loop stream's registers cut
@@ -353,6 +355,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
     elif M <= 16:
         BM, WN = 16, 1
         WK = 4 if 300 <= N // 16 <= 396 else _fill_warps(N // 16, 1, 8)
+        WK = min(WK, max(1, steps // 8))  # >= 8 K steps per warp: 8B o WK = 4 18.2 vs WK = 8 22.3 us
     else:
         BM = 32
         if N <= 8192 and K <= 8192 and N % 64 == 0:

@@ -305,6 +305,7 @@ def layouts(NW: int, BM: int):
 # CTAs the chip should have at once: 132 SMs x 2 (the launch shapes below hold ~150 registers per thread, 2-3
 # CTAs of 4 warps per SM).
 _CTAS_TO_FILL = 132 * 2
+_SMALL_LAYER_WEIGHTS = 24 * 2**20  # below: a small layer (8B o 16.8M weights; 8B qkv 25.2M is not)
 MAX_TILES = 1 << 16  # split-K counters per device (one per output tile of a call)
 
 
@@ -320,9 +321,11 @@ def pick_config(M: int, N: int, K: int) -> dict:
     tiles = (N // (16 * NW)) * -(-M // BM)
     steps = -(-K // fr.STEP_COLS)
     split = max(1, min(steps // 4, round(_CTAS_TO_FILL / tiles)))
-    # outliers as their own pass first (outliers.py): 8B gate_up M = 64 113.6 vs 151.3 us in the kernel, 70B gate_up
-    # 385.6 vs 609.0 us (raw/h200/pre_variants_v1.json, before the pass's launch shapes were tuned)
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": True}  # (the launcher drops SPLIT past MAX_TILES tiles)
+    # Outliers as their own pass first (outliers.py), except on small layers at M <= 32, where the pass's fixed cost
+    # (two more launches) outweighs it. H200, kernels_h200.json (same run, PRE vs in-kernel): M = 64 8B gate_up 102.3
+    # vs 159.6 us, 8B o 24.4 vs 30.8 us; M = 32 8B qkv 32.4 vs 35.8 us, 8B o (16.8M weights) 22.7 vs 21.7 us.
+    pre = M > 32 or N * K >= _SMALL_LAYER_WEIGHTS
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre}  # (the launcher drops SPLIT past MAX_TILES tiles)
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
