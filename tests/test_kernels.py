@@ -55,17 +55,22 @@ def test_import_is_cheap_and_cuda_free():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+def _run_interpreted(code: str) -> None:
+    """Run ``code`` (which prints 'ok' at its end) in a fresh interpreter under TRITON_INTERPRET=1."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1"))
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
 def test_padded_transpose_interpreted():
-    """kernels/transpose.py (the outlier gathers' copy of x) under TRITON_INTERPRET: xt[k, m] = x[m, k], zero pad."""
+    """kernels/transpose.py (the outlier pass's copy of x) under TRITON_INTERPRET: xt[k, m] = x[m, k], zero pad."""
     code = ("import torch; from vllm_nm16.kernels.transpose import padded_transpose\n"
             "for M, K, mp in ((1, 96, 8), (37, 300, 64), (64, 256, 64)):\n"
             "    x = torch.randn(M, K).to(torch.bfloat16)\n"
             "    xt = padded_transpose(x, mp)\n"
             "    assert xt.shape == (K, mp) and torch.equal(xt[:, :M], x.t()) and not xt[:, M:].any(), (M, K, mp)\n"
             "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1"))
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    _run_interpreted(code)
 
 
 def test_outlier_product_interpreted():
@@ -94,9 +99,7 @@ def test_outlier_product_interpreted():
         "except ValueError as e:\n"
         "    assert 'outliers' in str(e), e\n"
         "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1"))
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    _run_interpreted(code)
 
 
 def test_byte_lut_decodes_every_8_of_16_mask():

@@ -1,8 +1,8 @@
-"""x [M, K] -> xt [K, MP] (MP >= M, zero-padded): the outlier gathers' copy of the activations (one Triton kernel).
+"""x [M, K] -> xt [K, MP] (MP >= M, zero-padded): the outlier pass's copy of the activations (one Triton kernel).
 
-The Gluon kernels gather, for each outlier, x at its column for every token of a block. From x those are tokens K * 2
-bytes apart (one 32-byte sector each); from xt they are contiguous, and with MP a whole number of token blocks and
-the padding zeroed the gathers need no token mask, so they compile to 16-byte vector loads.
+The outlier pass (outliers.py) gathers, for each outlier, x at its column for every token of a block. From x those
+are tokens K * 2 bytes apart (one 32-byte sector each); from xt they are contiguous, and with MP a whole number of
+token blocks and the padding zeroed the gathers need no token mask, so they compile to vector loads.
 """
 
 from __future__ import annotations
