@@ -6,7 +6,7 @@ Importing this package is cheap and needs neither CUDA nor Triton: the Triton mo
 * :func:`nm16_linear` -- ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M, K] bf16/fp16, fp32
   accumulation. :func:`choose_config` picks the kernel from ``x.shape[0]`` (a Python int): the Gluon fragment kernels
   (8:16: gluon_nm16.py mma_v2 at M <= 16, gluon_wgmma.py wgmma at M 17..128 on sm_90, whose outliers run first as
-  their own pass, outliers.py), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
+  their own pass, outliers.py, except on small layers at M <= 32), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
   small layers) or decode-to-scratch + cuBLAS (scratch.py, large M). All are CUDA-graph and torch.compile safe (no host syncs, no data-dependent shapes,
   output from ``torch.empty``; the wgmma kernel's split-K counters are made before capture and reset by the kernel).
 """

@@ -8,9 +8,9 @@ shape: small programs, many of them resident, so the gathers' latency hides behi
 transpose (tokens contiguous: one 32-byte sector holds 16 tokens of a column, against one token per sector in x).
 
 Work per program: ``BR`` rows x ``BT`` tokens, every outlier slot of those rows, ``BS`` slots per trip (the next
-trip's slot offsets load during this trip's gathers); no atomics
-(each output element is summed by one program in slot order: deterministic). Plain Triton, so it also runs under
-``TRITON_INTERPRET=1`` (the CPU tests check it there).
+trip's slot offsets load during this trip's gathers); no atomics (each output element is summed by one program in
+slot order: deterministic). Plain Triton, so it also runs under ``TRITON_INTERPRET=1`` (the CPU tests check it there).
+CUDA-graph safe: the transpose and ``o`` come from ``torch.empty``; the M class is a Python int.
 """
 
 from __future__ import annotations
