@@ -2,8 +2,9 @@
 ``vllm serve <ckpt> --quantization nm16`` on 127.0.0.1, talk to it with the ``openai`` client (a chat completion and a
 streamed completion), print the answers beside the dense model's answers to the same prompts with the same sampling
 settings (the model's generation_config.json recommendation where it has one, else greedy; the dense model runs in
-transformers, fp32), tokens/s, bytes saved and perplexity dense vs nm16, and stop the server cleanly. About 10-15
-minutes on 2 CPU cores (most of it: compression and vLLM's CPU compile warm-up).
+transformers, fp32), tokens/s, bytes saved and perplexity dense vs nm16, and stop the server cleanly. About 35-40
+minutes on 2 CPU cores (most of it: compression with the default recipe's block-wise reconstruction, ~20-25 min, and
+vLLM's CPU compile warm-up).
 
     python scripts/demo.py [--model DIR] [--out DIR] [--recompress] [--eval-tokens N]
 """

@@ -43,7 +43,7 @@ def _one_line_error(capsys, *needles: str) -> str:
 def test_magnitude_checkpoint_unpacks_to_masked_weights(tiny_llama, tmp_path):
     out = tmp_path / "ckpt"
     assert _compress(tiny_llama, out, "--method", "magnitude", "--outliers", "none",
-                     "--variance-correction", "none", "--equalize", "none") == 0
+                     "--variance-correction", "none", "--equalize", "none", "--reconstruct", "0") == 0
     assert validate_checkpoint(out) == 2 * 7
     spec = fmt.read_spec(out)
     assert (spec.n, spec.m, spec.has_outliers, spec.has_scale) == (8, 16, False, False)
@@ -65,7 +65,7 @@ def test_magnitude_checkpoint_unpacks_to_masked_weights(tiny_llama, tmp_path):
 def test_outliers_are_exact_original_weights(tiny_llama, tmp_path):
     out = tmp_path / "ckpt"
     assert _compress(tiny_llama, out, "--method", "wanda", "--outliers", "2/64", "--variance-correction", "none",
-                     "--equalize", "none") == 0
+                     "--equalize", "none", "--reconstruct", "0") == 0
     spec = fmt.read_spec(out)
     assert (spec.outlier_block, spec.outliers_per_block) == (64, 2)
     src = load_file(str(tiny_llama / "model.safetensors"))
@@ -89,14 +89,16 @@ def test_full_recipe_checkpoint_matches_in_memory_model(tiny_llama, tmp_path, ca
     from offline.evaluate import load_hf_model
 
     out = tmp_path / "ckpt"
-    assert _compress(tiny_llama, out, "--pattern", pattern, "--mean-shift") == 0
+    full = ("--variance-correction", "channel", "--equalize", "0.5", "--mean-shift", "--reconstruct", "0")
+    assert _compress(tiny_llama, out, "--pattern", pattern, *full) == 0
     validate_checkpoint(out)
     spec = fmt.read_spec(out)
     assert spec.has_outliers and spec.has_scale and spec.has_shift and spec.recipe["equalize"] == 0.5
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     samples = calibration_samples(AutoTokenizer.from_pretrained(tiny_llama), calib_text, 4, 32, 0)
-    compress_model(model, samples, Recipe(pattern=pattern, mean_shift=True), progress=False)
+    compress_model(model, samples, Recipe(pattern=pattern, variance_correction="channel", equalize=0.5, mean_shift=True,
+                                          reconstruct=0), progress=False)
     loaded = load_hf_model(out)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

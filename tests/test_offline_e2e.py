@@ -58,11 +58,12 @@ def test_default_recipe_checkpoint(default_ckpt, default_model):
     spec = fmt.read_spec(out)
     cfg = json.loads((default_model / "config.json").read_text())
     # The default recipe: 8:16, SparseGPT, structured outliers (1 per 64 weights, largest block dividing the model),
-    # per-channel variance correction, equalization 0.5.
-    assert (spec.n, spec.m) == (8, 16) and spec.has_scale and spec.has_outliers and not spec.has_shift
+    # block-wise reconstruction (200 steps); no variance correction, no equalization (chosen on the validation split).
+    assert (spec.n, spec.m) == (8, 16) and spec.has_outliers and not spec.has_scale and not spec.has_shift
     assert all(f % spec.outlier_block == 0 for f in (cfg["hidden_size"], cfg["intermediate_size"]))
     assert spec.outlier_block // spec.outliers_per_block == 64
-    assert spec.recipe["method"] == "sparsegpt" and spec.recipe["equalize"] == 0.5
+    assert spec.recipe["method"] == "sparsegpt" and spec.recipe["equalize"] is None
+    assert spec.recipe["variance_correction"] == "none" and spec.recipe["reconstruct"] == 200
     assert spec.ignore == ("lm_head",)
     report = json.loads((out / "nm16_report.json").read_text())
     totals = report["totals"]

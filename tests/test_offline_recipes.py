@@ -70,7 +70,7 @@ def test_every_pattern_works_with_the_default_recipe(salient_llama, tmp_path, pa
     report = json.loads((out / "nm16_report.json").read_text())
     assert report["recipe"]["outliers_resolved"] == [3, 192]
     assert {k: report["recipe"][k] for k in ("method", "variance_correction", "equalize", "outlier_structure")} == \
-        {"method": "sparsegpt", "variance_correction": "channel", "equalize": 0.5, "outlier_structure": "structured"}
+        {"method": "sparsegpt", "variance_correction": "none", "equalize": None, "outlier_structure": "structured"}
     assert len(report["layers"]) == len(LINEARS) and not report["ignore"]
     if pattern == "unstructured":
         assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -83,7 +83,7 @@ def test_every_pattern_works_with_the_default_recipe(salient_llama, tmp_path, pa
     assert validate_checkpoint(out) == len(LINEARS)
     spec = fmt.read_spec(out)
     assert (spec.n, spec.m, spec.outlier_block, spec.outliers_per_block) == (n, m, 192, 3)
-    assert spec.has_scale and not spec.has_shift
+    assert not spec.has_scale and not spec.has_shift  # the default: no variance correction
     for prefix, tensors in fmt.split_layer_tensors(read_safetensors_folder(out)).items():
         up = fmt.unpack(tensors, spec)
         outl = up.outliers != 0
@@ -144,7 +144,12 @@ def _scales(out):
 def _check_vc_tensor(out, base, spec, rep):
     scales = _scales(out)
     assert scales and all(torch.all(v == v[0]) for v in scales.values()), "per-tensor: one scale per layer"
-    assert any(not torch.all(v == v[0]) for v in _scales(base).values()), "the default is per channel"
+    assert not _scales(base), "the default has no variance correction"
+
+
+def _check_vc_channel(out, base, spec, rep):
+    scales = _scales(out)
+    assert spec.has_scale and scales and any(not torch.all(v == v[0]) for v in scales.values()), "one per row"
 
 
 def _check_vc_none(out, base, spec, rep):
@@ -160,10 +165,10 @@ def _norms(out):
     return {k: v for k, v in read_safetensors_folder(out).items() if k.endswith("layernorm.weight")}
 
 
-def _check_equalize_none(out, base, spec, rep):
-    assert rep["recipe"]["equalize"] is None
-    assert all(bool((v == 1).all()) for v in _norms(out).values()), "the random model's norms are all ones"
-    assert any(not bool((v == 1).all()) for v in _norms(base).values()), "the default folds 1/s into the norms"
+def _check_equalize(out, base, spec, rep):
+    assert rep["recipe"]["equalize"] == 0.5
+    assert any(not bool((v == 1).all()) for v in _norms(out).values()), "equalization folds 1/s into the norms"
+    assert all(bool((v == 1).all()) for v in _norms(base).values()), "the random model's norms are all ones"
 
 
 def _check_changes_values(key, value):
@@ -177,6 +182,10 @@ def _check_recorded(key, value):
     def check(out, base, spec, rep):
         assert rep["recipe"][key] == value
     return check
+
+
+def _check_no_reconstruction_report(rep):
+    assert not rep.get("reconstruction"), "reconstruction off: no per-block report"
 
 
 def _check_reconstruction_report(rep):
@@ -193,16 +202,20 @@ OPTIONS = {
     "outliers-none": (["--outliers", "none"], _check_no_outliers),
     "outliers-2/64": (["--outliers", "2/64"], _check_outliers_2_64),
     "outlier-structure-unstructured": (["--outlier-structure", "unstructured"], _check_unstructured_outliers),
-    "variance-correction-tensor": (["--variance-correction", "tensor"], _check_vc_tensor),
-    # two independent parts of the format in one run: no scale tensor, shift tensors present
-    "variance-correction-none+mean-shift": (["--variance-correction", "none", "--mean-shift"],
-                                            lambda *a: (_check_vc_none(*a), _check_mean_shift(*a))),
-    "equalize-none": (["--equalize", "none"], _check_equalize_none),
+    # (reconstruction off: it tunes the scales row by row, so a per-tensor scale would not stay one value)
+    "variance-correction-tensor": (["--variance-correction", "tensor", "--reconstruct", "0"], _check_vc_tensor),
+    "variance-correction-channel": (["--variance-correction", "channel"], _check_vc_channel),
+    # two independent parts of the format in one run: no scale tensor (the default), shift tensors present
+    "mean-shift": (["--mean-shift"], lambda *a: (_check_vc_none(*a), _check_mean_shift(*a))),
+    "equalize-0.5": (["--equalize", "0.5"], _check_equalize),
     "percdamp": (["--percdamp", "0.5"], _check_changes_values("percdamp", 0.5)),
     "no-true-sequential": (["--no-true-sequential"], _check_changes_values("true_sequential", False)),
     "seed": (["--seed", "1"], _check_changes_values("seed", 1)),
     "calibration-size": (["--nsamples", "2", "--seqlen", "48"], _check_changes_values("seqlen", 48)),
     "calib": (["--calib", str(default_eval_path())], _check_changes_values("calib", str(default_eval_path()))),
+    "reconstruct-off": (["--reconstruct", "0"],
+                        lambda out, base, spec, rep: (_check_changes_values("reconstruct", 0)(out, base, spec, rep),
+                                                      _check_no_reconstruction_report(rep))),
     "reconstruct+lr": (["--reconstruct", "10", "--reconstruct-lr", "2e-4"],
                        lambda out, base, spec, rep: (_check_changes_values("reconstruct", 10)(out, base, spec, rep),
                                                      _check_recorded("reconstruct_lr", 2e-4)(out, base, spec, rep),

@@ -30,12 +30,14 @@ def _restore_threads():
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_llama, tmp_path_factory):
-    """The default recipe with the mean shift (every stored part: values, outliers, scale, shift), without and with
-    reconstruction, and the latter once more (determinism)."""
+    """The default recipe with variance correction and the mean shift (every stored part: values, outliers, scale,
+    shift), without and with reconstruction, and the latter once more (determinism)."""
     root = tmp_path_factory.mktemp("recon")
     out = {}
-    for name, extra in (("off", []), ("on", ["--reconstruct", STEPS]), ("again", ["--reconstruct", STEPS])):
-        assert _compress(tiny_llama, root / name, "--mean-shift", *extra) == 0
+    for name, extra in (("off", ["--reconstruct", "0"]), ("on", ["--reconstruct", STEPS]),
+                        ("again", ["--reconstruct", STEPS])):
+        # (variance correction on: the scales are among what reconstruction tunes)
+        assert _compress(tiny_llama, root / name, "--mean-shift", "--variance-correction", "channel", *extra) == 0
         out[name] = root / name
     return out
 
