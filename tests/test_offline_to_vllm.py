@@ -1,5 +1,6 @@
-"""The compressor's real output loads and runs in vLLM: ``offline.compress`` (SparseGPT, outliers 'auto', variance
-correction, mean shift, equalization) on a small random Llama, then ``LLM(quantization="nm16")`` greedy (fp32) equals
+"""The compressor's real output loads and runs in vLLM: ``offline.compress`` (the default recipe -- SparseGPT,
+outliers 'auto', block-wise reconstruction -- plus variance correction, mean shift and equalization, so that every
+part of the format is written) on a small random Llama, then ``LLM(quantization="nm16")`` greedy (fp32) equals
 transformers greedy on the same checkpoint unpacked to dense. Guards the writer <-> plugin contract (tensor names,
 dtypes, ignore list, shift/scale handling) on every CI run; the default model's full compression runs in ``make demo``.
 """
@@ -22,7 +23,7 @@ def test_compressed_checkpoint_generates_like_transformers(make_llama, tmp_path,
 
     src = make_llama(hidden=128, intermediate=256, layers=2, heads=2, kv_heads=2, seed=3)
     ckpt = offline.compress(src, tmp_path / "nm16", calib=calib_text, nsamples=4, seqlen=128, mean_shift=True,
-                            progress=False)
+                            variance_correction="channel", equalize=0.5, progress=False)
     from vllm_nm16 import format as fmt
 
     spec = fmt.read_spec(ckpt)
