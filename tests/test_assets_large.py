@@ -139,5 +139,7 @@ def test_check_gguf_on_an_existing_file(tmp_path):
 
 def test_real_constants_describe_the_published_parts():
     assert (al.N_PARTS, al.GGUF_SIZE, al.GGUF_MAGIC, al.PARTS_VERSION) == (22, 1_117_320_768, b"GGUF", "0.2.0")
-    assert al.large_gguf_path(al.default_root()).name == "qwen2.5-coder-1.5b.gguf"
-    assert al.large_model_dir(al.default_root()).parent == al.large_gguf_path(al.default_root()).parent
+    from offline.assets import default_root
+
+    assert al.large_gguf_path(default_root()).name == "qwen2.5-coder-1.5b.gguf"
+    assert al.large_model_dir(default_root()).parent == al.large_gguf_path(default_root()).parent

@@ -45,7 +45,7 @@ def main() -> None:
                                     outliers_per_block=4)
                    - reference_linear(x, v, mk, None, None, None, None, None, n=8, m=16, outlier_block=None,
                                       outliers_per_block=0))
-            default = pick_config(M, N)
+            default = pick_config(M)
             grid = [dict(BR=br, BS=bs, BT=bt, num_warps=nw) for br, bs, bt, nw in
                     itertools.product((16, 32, 64, 128), (4, 8, 16), (16, 32, 64), (4, 8))
                     if bt <= max(16, 2 * M) and br * bs * bt // (32 * nw) <= 128]

@@ -408,13 +408,13 @@ def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, wv: tor
     return x2d, y
 
 
-def outlier_pass(cfg: dict, x2d: torch.Tensor, ov, oi, N: int, outlier_block: int, outliers_per_block: int,
+def outlier_pass(pre: bool, x2d: torch.Tensor, ov, oi, N: int, outlier_block: int, outliers_per_block: int,
                  in_features: int) -> tuple[bool, torch.Tensor | None]:
-    """(whether the kernel computes the outliers itself, the outlier product it adds instead or None): with config
-    key ``pre`` the outliers run first as their own pass (outliers.py) and the kernel's epilogue adds it."""
+    """(whether the kernel computes the outliers itself, the outlier product it adds instead or None): with ``pre``
+    (the launch config's choice) the outliers run first as their own pass (outliers.py) and the epilogue adds it."""
     if not outliers_per_block:
         return False, None
-    if not cfg.get("pre"):
+    if not pre:
         return True, None
     return False, outlier_product(x2d, ov, oi, N=N, outlier_block=outlier_block,
                                   outliers_per_block=outliers_per_block, in_features=in_features)
@@ -435,7 +435,7 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK = cfg["BM"], cfg["WN"], cfg["WK"]
     S = -(-K // fr.STEP_COLS)
-    has_out, pre = outlier_pass(cfg, x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
+    has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     dummy = y
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0

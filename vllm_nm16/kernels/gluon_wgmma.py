@@ -363,7 +363,7 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     grid = (N // (16 * NW), -(-M // BM), split)
     if grid[0] * grid[1] > MAX_TILES:
         split, grid = 1, grid[:2] + (1,)
-    has_out, pre = outlier_pass({"pre": cfg["PRE"]}, x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
+    has_out, pre = outlier_pass(bool(cfg["PRE"]), x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0

@@ -52,7 +52,7 @@ def _outlier_kernel(xt_ptr, ov_ptr, oi_ptr, o_ptr, N, NO, MP, M, OB: tl.constexp
     tl.store(o_ptr + toks[None, :] * N + rows[:, None], acc, mask=row_ok[:, None] & (toks[None, :] < M))
 
 
-def pick_config(M: int, N: int) -> dict:
+def pick_config(M: int) -> dict:
     """Launch shape by M class, from the H200 sweep (benchmarks/gpu/outlier_sweep.py, raw/h200/outlier_sweep.json:
     8B qkv, gate_up, down at M = 16, 32, 64, 128, 72 shapes each): BT = 32 tokens per program up to M = 32 (32 rows),
     64 above (16 rows); 16 slots per trip, 4 warps. Within 1.26x of each shape's best everywhere (geometric mean
@@ -71,7 +71,7 @@ def outlier_product(x2d: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, *, N:
     if tuple(ov.shape) != (N, NO) or tuple(oi.shape) != (N, NO):
         raise ValueError(f"outliers {tuple(ov.shape)} / {tuple(oi.shape)}: expected ({N}, {NO}) for {N} x "
                          f"{in_features} with {outliers_per_block} per {outlier_block} columns")
-    cfg = pick_config(M, N)
+    cfg = pick_config(M)
     cfg.update(config or {})
     o = torch.empty((M, N), dtype=torch.float32, device=x2d.device)
     if M == 0:
