@@ -1,5 +1,6 @@
-"""GPU check of the Gluon fragment kernel vs float64 (format.unpack), plus a quick timing vs cuBLAS and the Triton
-kernels. Run on the GPU host: python3 benchmarks/gpu/gluon_check.py [--quick]. Prints one JSON line per case."""
+"""GPU check of the Gluon fragment kernels (mma_v2, wgmma) vs float64 (format.unpack). Run on the GPU host:
+python3 benchmarks/gpu/gluon_check.py [--kernel wgmma] [--extra JSON] (--extra: a launch variant under test, merged
+into every case's config). Prints one JSON line per case."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ def check(N, K, M, dtype, k, B, scale, shift, bias, cfg=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kernel", default="gluon", choices=["gluon", "wgmma"])
+    ap.add_argument("--extra", default="{}", help="JSON config keys added to every case (a variant under test)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bad = 0
@@ -47,7 +48,7 @@ def main():
         for M in (2, 16, 40):
             cases.append((N, K, M, torch.float16, k, B, True, False, False))
         cases.append((N, K, 8, torch.bfloat16, 0, B, False, False, False))
-    for cfg in ({"WK": 2}, {"WK": 16}, {"WK": 4, "WN": 2}, {"out_in_loop": True, "BM": 16},
+    for cfg in ({"WK": 2}, {"WK": 16, "WN": 1}, {"WK": 4, "WN": 2}, {"out_in_loop": True, "BM": 16},
                 {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8},
                 {"pre": True}, {"pre": True, "BM": 16, "out_in_loop": True}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
@@ -66,6 +67,8 @@ def main():
                     {"PRE": True}, {"PRE": True, "BM": 32, "SPLIT": 3}):
             cases.append((2048, 4096, 77, torch.bfloat16, 4, 256, True, False, False, dict(cfg, kernel="wgmma")))
             cases.append((2048, 4096, 200, torch.bfloat16, 0, 256, False, False, True, dict(cfg, kernel="wgmma")))
+    extra = json.loads(args.extra)
+    cases = [c[:9] + (dict(c[9] if len(c) > 9 else {}, **extra),) for c in cases]
     for c in cases:
         try:
             r = check(*c)

@@ -434,6 +434,8 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     cfg = pick_config(M, N, K)
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK = cfg["BM"], cfg["WN"], cfg["WK"]
+    if WK * WN > 32 or BM not in (8, 16, 32):
+        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK} (BM 8/16/32, at most 32 warps)")
     S = -(-K // fr.STEP_COLS)
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
