@@ -84,8 +84,9 @@ def torch_path_error(c: dict) -> float:
     p = backend.process_weights(geom, v, mk, ov, oi, sc, sh)
     x = torch.randn(c["M"], c["K"], generator=g).to(c["xdtype"])
     bias = torch.randn(c["N"], generator=g).to(c["xdtype"]) if c["bias"] else None
-    y = ops.nm16_linear(x, p["wv"], p["wm"], p["ov"], p["oi"], p["scale"], p["shift"], bias, geom.n, geom.m,
-                        geom.outlier_block, geom.outliers_per_block, c["K"], c["N"], backend.name)
+    y = ops.nm16_linear(x, p["values"], p["positions"], p["outlier_values"], p["outlier_index"], p["scale"],
+                        p["shift"], bias, geom.n, geom.m, geom.outlier_block, geom.outliers_per_block, c["K"], c["N"],
+                        backend.name)
     assert y.dtype == c["xdtype"] and y.shape == (c["M"], c["N"])
     assert bool(torch.isfinite(y).all())
     ref = reference_linear(x, v, mk, ov, oi, sc, sh, bias, n=c["n"], m=c["m"], outlier_block=c["B"],

@@ -49,8 +49,9 @@ def test_cpu_op_matches_unpack(spec, dtype):
                                 t.get(fmt.SCALE), t.get(fmt.SHIFT))
     x = torch.randn(5, in_f).to(dtype)
     bias = torch.randn(out_f).to(dtype)
-    y = ops.nm16_linear(x, p["wv"], p["wm"], p["ov"], p["oi"], p["scale"], p["shift"], bias, geom.n, geom.m,
-                        geom.outlier_block, geom.outliers_per_block, in_f, out_f, backend.name)
+    y = ops.nm16_linear(x, p["values"], p["positions"], p["outlier_values"], p["outlier_index"], p["scale"],
+                        p["shift"], bias, geom.n, geom.m, geom.outlier_block, geom.outliers_per_block, in_f, out_f,
+                        backend.name)
     assert y.dtype == dtype and y.shape == (5, out_f)
     ref = x.double() @ up.effective_weight(torch.float64).T + bias.double()
     if up.shift is not None:
@@ -65,8 +66,8 @@ def test_op_registration_and_compile():
     p = ops.prepare_torch(t[fmt.VALUES], t[fmt.MASK], t[fmt.OUTLIER_VALUES], t[fmt.OUTLIER_INDEX], t[fmt.SCALE],
                           t[fmt.SHIFT], n=8, m=16, outlier_block=64, outliers_per_block=2, in_features=128,
                           act_dtype=torch.float32)
-    args = (torch.randn(3, 128), p["wv"], p["wm"], p["ov"], p["oi"], None, p["shift"], None, 8, 16, 64, 2, 128, 32,
-            "torch")
+    args = (torch.randn(3, 128), p["values"], p["positions"], p["outlier_values"], p["outlier_index"], None,
+            p["shift"], None, 8, 16, 64, 2, 128, 32, "torch")
     torch.library.opcheck(torch.ops.nm16.linear.default, args)
 
     def f(x):

@@ -67,8 +67,8 @@ class Backend:
     def process_weights(self, geom: LayerGeometry, values: torch.Tensor, mask: torch.Tensor,
                         outlier_values: torch.Tensor | None, outlier_index: torch.Tensor | None,
                         scale: torch.Tensor | None, shift: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-        """The tensors the layer keeps, keys ``wv wm ov oi scale shift`` (None where a part is absent), in the
-        order of the op's arguments."""
+        """The tensors the layer keeps, keys ``values positions outlier_values outlier_index scale shift`` (None
+        where a part is absent), in the order of the op's arguments."""
         raise NotImplementedError
 
 
@@ -88,12 +88,13 @@ class GPUKernels(Backend):
     def process_weights(self, geom, values, mask, outlier_values, outlier_index, scale, shift):
         from vllm_nm16 import kernels  # noqa: PLC0415  (no Triton import: repack is torch code)
 
-        wv, wm, ov, oi = kernels.repack(values, mask, outlier_values, outlier_index, n=geom.n, m=geom.m,
-                                        outlier_block=geom.outlier_block or None,
-                                        outliers_per_block=geom.outliers_per_block)
+        values, positions, outlier_values, outlier_index = kernels.repack(
+            values, mask, outlier_values, outlier_index, n=geom.n, m=geom.m,
+            outlier_block=geom.outlier_block or None, outliers_per_block=geom.outliers_per_block)
         if self.name == "gluon":
             kernels.prepare_device(values.device)  # small constant tables, before any CUDA-graph capture
-        return {"wv": wv, "wm": wm, "ov": ov, "oi": oi,
+        return {"values": values, "positions": positions, "outlier_values": outlier_values,
+                "outlier_index": outlier_index,
                 "scale": None if scale is None else scale.float().contiguous(),
                 "shift": None if shift is None else shift.float().contiguous()}
 

@@ -80,11 +80,11 @@ class NM16LinearMethod(LinearMethodBase):
                 f"nm16: {', '.join(names)}: tensor_parallel_size={tp} splits in_features={input_size} into "
                 f"{input_size_per_partition} per rank, which cuts a {what}; use a tensor-parallel size that keeps "
                 f"in_features/tp a multiple of {spec.k_multiple()}")
-        k = input_size_per_partition
+        in_f = input_size_per_partition
         out = sum(output_partition_sizes)
         loader = extra_weight_attrs["weight_loader"]
         value_dtype = params_dtype  # checkpoint values (bf16/fp16) are cast to the activation dtype on load
-        layer.nm16_in_features = k
+        layer.nm16_in_features = in_f
         layer.nm16_out_features = out
         layer.nm16_value_dtype_seen = None
         # load_format="dummy": no checkpoint tensors will arrive; process_weights_after_loading makes a random layer.
@@ -97,10 +97,10 @@ class NM16LinearMethod(LinearMethodBase):
                                         weight_loader=self._checked_loader(layer, name, loader))
             layer.register_parameter(name, param)
 
-        packed(fmt.VALUES, k * spec.n // spec.m, value_dtype, _packed_factor(spec.m, spec.n))
-        packed(fmt.MASK, k // spec.m, fmt.mask_dtype(spec.m), spec.m)
+        packed(fmt.VALUES, in_f * spec.n // spec.m, value_dtype, _packed_factor(spec.m, spec.n))
+        packed(fmt.MASK, in_f // spec.m, fmt.mask_dtype(spec.m), spec.m)
         if spec.has_outliers:
-            width = k // spec.outlier_block * spec.outliers_per_block
+            width = in_f // spec.outlier_block * spec.outliers_per_block
             factor = _packed_factor(spec.outlier_block, spec.outliers_per_block)
             packed(fmt.OUTLIER_VALUES, width, value_dtype, factor)
             packed(fmt.OUTLIER_INDEX, width, fmt.index_dtype(spec.outlier_block), factor)
@@ -190,7 +190,7 @@ class NM16LinearMethod(LinearMethodBase):
         if missing:
             raise fmt.NM16FormatError(f"nm16: {self.prefix}: missing tensor(s) in the checkpoint: "
                                       f"{', '.join(missing)}")
-        k = layer.nm16_in_features
+        in_f = layer.nm16_in_features
         tensors = {p: getattr(layer, p).data for p in expected}
         # Validate each checkpoint module's rows of this rank separately, so an error names e.g. k_proj, not qkv_proj.
         check_dtype = layer.nm16_value_dtype_seen or torch.bfloat16
@@ -202,12 +202,14 @@ class NM16LinearMethod(LinearMethodBase):
             for p in (fmt.VALUES, fmt.OUTLIER_VALUES):
                 if p in part:  # values were cast to the activation dtype on load; check them in the checkpoint's
                     part[p] = part[p].to(check_dtype)
-            fmt.validate_layer(part, spec, name=ckpt_name, out_features=rows, in_features=k, value_dtype=check_dtype)
+            fmt.validate_layer(part, spec, name=ckpt_name, out_features=rows, in_features=in_f,
+                               value_dtype=check_dtype)
             row += rows
         shift = tensors.get(fmt.SHIFT)
         if shift is not None and isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) > 0:
             shift = None  # row-parallel partial sums are all-reduced: add the shift on rank 0 only (like vLLM's bias)
-        self.geometry = backends.LayerGeometry.from_spec(spec, in_features=k, out_features=layer.nm16_out_features,
+        self.geometry = backends.LayerGeometry.from_spec(spec, in_features=in_f,
+                                                         out_features=layer.nm16_out_features,
                                                          act_dtype=layer.params_dtype)
         self.backend = backends.choose_backend(self.geometry, tensors[fmt.VALUES].device)
         prepared = self.backend.process_weights(self.geometry, tensors[fmt.VALUES], tensors[fmt.MASK],
@@ -228,7 +230,7 @@ class NM16LinearMethod(LinearMethodBase):
         g = self.geometry
         x2d = x.reshape(-1, x.shape[-1])
         part = lambda name: getattr(layer, f"nm16_{name}") if self.parts[name] else None  # noqa: E731
-        y = ops.nm16_linear(x2d, layer.nm16_wv, layer.nm16_wm, part("ov"), part("oi"), part("scale"),
-                            part("shift"), bias, g.n, g.m, g.outlier_block, g.outliers_per_block, g.in_features,
-                            g.out_features, self.backend.name)
+        y = ops.nm16_linear(x2d, layer.nm16_values, layer.nm16_positions, part("outlier_values"),
+                            part("outlier_index"), part("scale"), part("shift"), bias, g.n, g.m, g.outlier_block,
+                            g.outliers_per_block, g.in_features, g.out_features, self.backend.name)
         return y.reshape(*x.shape[:-1], g.out_features)

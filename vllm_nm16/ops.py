@@ -43,26 +43,29 @@ def _cpu_linear(x, values, offsets, outlier_values, outlier_flat_index, shift, b
 
 # ------------------------------------------------------------------------------------------------------ the op
 @torch.library.custom_op(OP_NAME, mutates_args=())
-def nm16_linear(x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: Optional[torch.Tensor],
-                oi: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+def nm16_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, outlier_values: Optional[torch.Tensor],
+                outlier_index: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], n: int, m: int, outlier_block: int, outliers_per_block: int,
                 in_features: int, out_features: int, backend: str) -> torch.Tensor:
-    """y[M, out] for x[M, in]; the weight tensors are what ``backend`` (backends.py) made of the layer."""
+    """y[M, out] for x[M, in]; the weight tensors are what ``backend`` (backends.py) made of the layer: the kept
+    values, their positions in the backend's encoding (the int16 bitmask, packed nibbles or bytes for the kernels,
+    per-group column offsets for the PyTorch path), the outlier values and their index (in-block offsets for the
+    kernels, flat indices into [out * in] for the PyTorch path)."""
     if backend != "torch":
         from vllm_nm16 import kernels  # noqa: PLC0415 (lazy: Triton only where there is a GPU)
 
-        return kernels.nm16_linear(x, wv, wm, ov, oi, scale, shift, bias, n=n, m=m,
+        return kernels.nm16_linear(x, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,
                                    outlier_block=outlier_block or None, outliers_per_block=outliers_per_block,
                                    in_features=in_features, out_features=out_features,
                                    allow_gluon=backend == "gluon")
     if scale is not None:  # prepare_torch() folds it; keep the op total anyway
         raise ValueError("nm16: the PyTorch path expects the scale folded into the values (ops.prepare_torch)")
-    return _cpu_linear(x, wv, wm, ov, oi, shift, bias, m, in_features, out_features)
+    return _cpu_linear(x, values, positions, outlier_values, outlier_index, shift, bias, m, in_features, out_features)
 
 
 @nm16_linear.register_fake
-def _nm16_linear_fake(x, wv, wm, ov, oi, scale, shift, bias, n, m, outlier_block, outliers_per_block, in_features,
-                      out_features, backend):
+def _nm16_linear_fake(x, values, positions, outlier_values, outlier_index, scale, shift, bias, n, m, outlier_block,
+                      outliers_per_block, in_features, out_features, backend):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -71,23 +74,23 @@ def prepare_torch(values: torch.Tensor, mask: torch.Tensor, outlier_values: torc
                   outlier_index: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, *,
                   n: int, m: int, outlier_block: int, outliers_per_block: int, in_features: int,
                   act_dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
-    """The PyTorch path's tensors (keys ``wv wm ov oi scale shift``): the scale folded into the values (in the
-    activation dtype, the rounding of ``format.UnpackedLayer.effective_weight``), the mask as kept offsets, the
-    outliers as flat indices into [out * in]."""
-    wv = values.to(torch.float32)
+    """The PyTorch path's tensors (keys ``values positions outlier_values outlier_index scale shift``): the scale
+    folded into the values (in the activation dtype, the rounding of ``format.UnpackedLayer.effective_weight``), the
+    mask as kept offsets, the outliers as flat indices into [out * in]."""
+    folded = values.to(torch.float32)
     if scale is not None:
-        wv = wv * scale.to(torch.float32).unsqueeze(1)
-    wv = wv.to(act_dtype).contiguous()
-    ov = oi = None
+        folded = folded * scale.to(torch.float32).unsqueeze(1)
+    folded = folded.to(act_dtype).contiguous()
+    out_vals = flat_index = None
     if outlier_values is not None and outliers_per_block:
         out_f = values.shape[0]
         blocks = in_features // outlier_block
         dev = values.device
         col = outlier_index.to(torch.int64).reshape(out_f, blocks, outliers_per_block) + \
             torch.arange(blocks, dtype=torch.int64, device=dev).mul_(outlier_block).view(1, blocks, 1)
-        oi = (col + torch.arange(out_f, dtype=torch.int64, device=dev).mul_(in_features).view(out_f, 1, 1)
-              ).reshape(-1)
-        ov = outlier_values.to(act_dtype).reshape(-1).contiguous()
-    return {"wv": wv, "wm": fmt.kept_positions(mask, n, m).to(torch.uint8).contiguous(), "ov": ov, "oi": oi,
-            "scale": None,
+        flat_index = (col + torch.arange(out_f, dtype=torch.int64, device=dev).mul_(in_features).view(out_f, 1, 1)
+                      ).reshape(-1)
+        out_vals = outlier_values.to(act_dtype).reshape(-1).contiguous()
+    return {"values": folded, "positions": fmt.kept_positions(mask, n, m).to(torch.uint8).contiguous(),
+            "outlier_values": out_vals, "outlier_index": flat_index, "scale": None,
             "shift": None if shift is None else shift.to(act_dtype).contiguous()}

@@ -152,12 +152,13 @@ def run_case(c: dict, device: str = "cuda") -> dict:
         r: dict = {}
         try:
             if "config" not in kw:
-                r["kernel"] = kernels.choose_config(x, w["wv"], w["wm"], n=n, m=m, out_features=N,
+                r["kernel"] = kernels.choose_config(x, w["values"], w["positions"], n=n, m=m, out_features=N,
                                                     outlier_block=B, allow_gluon=kw["allow_gluon"])["kernel"]
             else:
                 r["kernel"] = kw["config"]["kernel"]
-            kernels.nm16_linear(x, w["wv"], w["wm"], w["ov"], w["oi"], w["scale"], w["shift"], bias, n=n, m=m,
-                                outlier_block=B, outliers_per_block=k, in_features=K, out_features=N, out=y, **kw)
+            kernels.nm16_linear(x, w["values"], w["positions"], w["outlier_values"], w["outlier_index"], w["scale"],
+                                w["shift"], bias, n=n, m=m, outlier_block=B, outliers_per_block=k, in_features=K,
+                                out_features=N, out=y, **kw)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             r["finite"] = bool(torch.isfinite(y).all())
@@ -171,7 +172,7 @@ def run_case(c: dict, device: str = "cuda") -> dict:
     check("dispatch", w_gl, allow_gluon=True)
     w_tr = backends.BACKENDS["triton"].process_weights(geom, lv, mk, lov, oi, sc, sh)
     check("triton", w_tr, allow_gluon=False)
-    ok, why = gluon_nm16.can_implement(min(M, gluon_nm16.MAX_M), N, K, n, m, x, w_gl["wv"], w_gl["wm"])
+    ok, why = gluon_nm16.can_implement(min(M, gluon_nm16.MAX_M), N, K, n, m, x, w_gl["values"], w_gl["positions"])
     if ok:
         check("gluon", w_gl, config={"kernel": "gluon"})
     else:

@@ -20,40 +20,44 @@ from vllm_nm16.kernels.layout import POS_BYTE, POS_LUT16, POS_NIBBLE32, repack
 __all__ = ["repack", "nm16_linear", "choose_config", "POS_LUT16", "POS_NIBBLE32", "POS_BYTE"]
 
 
-def nm16_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov: torch.Tensor | None,
-                oi: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+def nm16_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, outlier_values: torch.Tensor | None,
+                outlier_index: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
                 bias: torch.Tensor | None, *, n: int, m: int, outlier_block: int | None, outliers_per_block: int,
                 in_features: int, out_features: int, config: dict | None = None,
                 out: torch.Tensor | None = None, allow_gluon: bool = True) -> torch.Tensor:
-    """[M, in_features] x -> [M, out_features] in x's dtype. ``wv, wm, ov, oi`` come from :func:`repack`;
-    scale/shift fp32 [out] or None, bias [out] in x's dtype or None. ``config`` overrides the tuned launch config
-    and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests poison it);
-    ``allow_gluon=False`` keeps the call on the Triton kernels (the ``triton`` backend)."""
+    """[M, in_features] x -> [M, out_features] in x's dtype. ``values, positions, outlier_values, outlier_index``
+    come from :func:`repack`; scale/shift fp32 [out] or None, bias [out] in x's dtype or None. ``config`` overrides
+    the tuned launch config and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests
+    poison it); ``allow_gluon=False`` keeps the call on the Triton kernels (the ``triton`` backend)."""
     cfg = config if config and "kernel" in config else \
-        choose_config(x2d, wv, wm, n=n, m=m, out_features=out_features, outlier_block=outlier_block,
+        choose_config(x2d, values, positions, n=n, m=m, out_features=out_features, outlier_block=outlier_block,
                       allow_gluon=allow_gluon)
     if cfg["kernel"] == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import fragment_linear  # noqa: PLC0415  (lazy: Triton import)
 
-        return fragment_linear(x2d, wv, wm, ov, oi, scale, shift, bias, outlier_block=outlier_block or 0,
+        return fragment_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias,
+                               outlier_block=outlier_block or 0,
                                outliers_per_block=outliers_per_block, in_features=in_features,
                                out_features=out_features, config=cfg, out=out)
     if cfg["kernel"] == "wgmma":
         from vllm_nm16.kernels.gluon_wgmma import wgmma_linear  # noqa: PLC0415  (lazy: Triton import)
 
-        return wgmma_linear(x2d, wv, wm, ov, oi, scale, shift, bias, outlier_block=outlier_block or 0,
+        return wgmma_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias,
+                            outlier_block=outlier_block or 0,
                             outliers_per_block=outliers_per_block, in_features=in_features,
                             out_features=out_features, config=cfg, out=out)
     if cfg["kernel"] == "scratch":
         from vllm_nm16.kernels.scratch import scratch_linear  # noqa: PLC0415
 
-        return scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
+        return scratch_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,
+                              outlier_block=outlier_block,
                               outliers_per_block=outliers_per_block, in_features=in_features,
                               out_features=out_features, out=out,
                               chunk_bytes=int(cfg["chunk_mb"] * 2**20) if "chunk_mb" in cfg else None)
     from vllm_nm16.kernels.triton_nm16 import nm16_linear as _impl  # noqa: PLC0415  (lazy: Triton import)
 
-    return _impl(x2d, wv, wm, ov, oi, scale, shift, bias, n=n, m=m, outlier_block=outlier_block,
+    return _impl(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,
+                 outlier_block=outlier_block,
                  outliers_per_block=outliers_per_block, in_features=in_features, out_features=out_features,
                  config=cfg, out=out)
 
@@ -66,7 +70,7 @@ GLUON_MAX_M = 32
 GLUON_SMALL_LAYER_WEIGHTS = 24 * 2**20
 
 
-def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_block: int | None,
+def choose_config(x2d, values, positions, *, n: int, m: int, out_features: int, outlier_block: int | None,
                   allow_gluon: bool = True) -> dict:
     """The kernel (and launch config) of one call, from M = ``x2d.shape[0]`` (a Python int: fixed at trace/capture
     time): the Gluon fragment kernel where it can run and wins (:func:`gluon_choice`), else the Triton kernels'
@@ -74,14 +78,14 @@ def choose_config(x2d, wv, wm, *, n: int, m: int, out_features: int, outlier_blo
     from vllm_nm16.kernels.configs import pick_config  # noqa: PLC0415
 
     M, K = x2d.shape
-    if allow_gluon and wgmma_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
+    if allow_gluon and wgmma_choice(x2d, values, positions, n=n, m=m, out_features=out_features):
         return {"kernel": "wgmma"}
-    if allow_gluon and gluon_choice(x2d, wv, wm, n=n, m=m, out_features=out_features):
+    if allow_gluon and gluon_choice(x2d, values, positions, n=n, m=m, out_features=out_features):
         return {"kernel": "gluon"}
     return pick_config(out_features, K, M, n=n, m=m, outlier_block=outlier_block)
 
 
-def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
+def gluon_choice(x2d, values, positions, *, n: int, m: int, out_features: int) -> bool:
     """Whether the Gluon mma_v2 fragment kernel runs this call (asked after :func:`wgmma_choice`, which takes M 17..
     where it can run): it can (8:16, bf16/fp16, sm_80+, M <= GLUON_MAX_M) and, at M = 1 and M > 16, the layer is
     large enough to beat the Triton gemv / the scratch path."""
@@ -90,7 +94,7 @@ def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
     from vllm_nm16.kernels.gluon_nm16 import can_implement  # noqa: PLC0415
 
     M, K = x2d.shape
-    ok, _ = can_implement(M, out_features, K, n, m, x2d, wv, wm)
+    ok, _ = can_implement(M, out_features, K, n, m, x2d, values, positions)
     return ok and (1 < M <= 16 or out_features * K >= GLUON_SMALL_LAYER_WEIGHTS)
 
 
@@ -101,14 +105,14 @@ def gluon_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
 WGMMA_MIN_M, WGMMA_MAX_M = 17, 128
 
 
-def wgmma_choice(x2d, wv, wm, *, n: int, m: int, out_features: int) -> bool:
+def wgmma_choice(x2d, values, positions, *, n: int, m: int, out_features: int) -> bool:
     """Whether the wgmma kernel runs this call (it can, and M is in its range)."""
     M = x2d.shape[0]
     if not x2d.is_cuda or not WGMMA_MIN_M <= M <= WGMMA_MAX_M:
         return False
     from vllm_nm16.kernels.gluon_wgmma import can_implement  # noqa: PLC0415
 
-    ok, _ = can_implement(M, out_features, x2d.shape[1], n, m, x2d, wv, wm)
+    ok, _ = can_implement(M, out_features, x2d.shape[1], n, m, x2d, values, positions)
     return ok
 
 

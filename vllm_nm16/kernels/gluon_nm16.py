@@ -183,6 +183,13 @@ def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, 
     return acc_o
 
 
+# Arguments (pointers end in _ptr): x and xw (the same activations as bf16/fp16 and as int32 words), wv / wm (kept
+# values and their int16 bitmask, as int32 words), tab (the decode's two table words), ov / oi (outlier values and
+# in-block offsets), scale / shift / bias, pre (the outlier product of outliers.py, or unused), y. Compile-time
+# constants: XS = x's row stride, ASM = the decode's PTX, DT = the activation dtype, WK / WN = warps along K / N,
+# BM = tokens per CTA, EVEN_K / EVEN_X = no masks needed on W / on x, HAS_* = which optional parts exist,
+# OUT_IN_LOOP = outliers ride along the main loop (else after it), OB = outlier block (columns), OK = outliers per
+# row and block, OC = outlier slots per chunk; mma ... ol = the distributed layouts of make_layouts.
 @gluon.jit
 def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
                          pre_ptr, y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
@@ -368,21 +375,22 @@ def pick_config(M: int, N: int, K: int) -> dict:
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False}
 
 
-def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
-                  wm: torch.Tensor) -> tuple[bool, str]:
+def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[bool, str]:
     """Whether the kernel can compute this call, and why not (the dispatcher's question; M > MAX_M is allowed when a
     caller forces the kernel: it then runs ceil(M / 32) token blocks)."""
     if M > MAX_M:
         return False, f"M={M} > {MAX_M}"
-    return _can_run(N, K, n, m, x, wv, wm)
+    return _can_run(N, K, n, m, x, values, positions)
 
 
-def _can_run(N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor) -> tuple[bool, str]:
+def _can_run(N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
+             positions: torch.Tensor) -> tuple[bool, str]:
     if (n, m) != (8, 16):
         return False, f"{n}:{m} (8:16 only)"
-    if x.dtype not in (torch.bfloat16, torch.float16) or wv.dtype != x.dtype:
-        return False, f"activations {x.dtype} / values {wv.dtype} (bf16 or fp16, equal)"
-    if wm.dtype != torch.int16:
+    if x.dtype not in (torch.bfloat16, torch.float16) or values.dtype != x.dtype:
+        return False, f"activations {x.dtype} / values {values.dtype} (bf16 or fp16, equal)"
+    if positions.dtype != torch.int16:
         return False, "mask not in the on-disk int16 layout"
     if N % 16 or K % 32:
         return False, f"N={N} (multiple of 16) / K={K} (multiple of 32)"
@@ -391,15 +399,17 @@ def _can_run(N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor, 
     return True, ""
 
 
-def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, N: int,
+def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  N: int,
                   out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The checks and inputs shared by the Gluon launchers: refuse (ValueError naming ``kernel`` and the reason) what
     ``can`` refuses or tensors that are not an 8:16 layer of N x K; x contiguous and 16-byte aligned (its row stride
     is a compile-time constant: immediate offsets in the outlier gathers); y = ``out`` or a fresh [M, N]."""
     M, K = x2d.shape
     ok, why = can
-    if ok and (tuple(wv.shape) != (N, K // 2) or tuple(wm.shape) != (N, K // 16)):
-        ok, why = False, f"values {tuple(wv.shape)} / mask {tuple(wm.shape)} are not an 8:16 layer of {N} x {K}"
+    if ok and (tuple(values.shape) != (N, K // 2) or tuple(positions.shape) != (N, K // 16)):
+        ok, why = False, (f"values {tuple(values.shape)} / mask {tuple(positions.shape)} are not an 8:16 layer of "
+                          f"{N} x {K}")
     if not ok:
         raise ValueError(f"nm16 {kernel} kernel: {why}")
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
@@ -408,7 +418,8 @@ def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, wv: tor
     return x2d, y
 
 
-def outlier_pass(pre: bool, x2d: torch.Tensor, ov, oi, N: int, outlier_block: int, outliers_per_block: int,
+def outlier_pass(pre: bool, x2d: torch.Tensor, outlier_values, outlier_index, N: int, outlier_block: int,
+                 outliers_per_block: int,
                  in_features: int) -> tuple[bool, torch.Tensor | None]:
     """(whether the kernel computes the outliers itself, the outlier product it adds instead or None): with ``pre``
     (the launch config's choice) the outliers run first as their own pass (outliers.py) and the epilogue adds it."""
@@ -416,11 +427,12 @@ def outlier_pass(pre: bool, x2d: torch.Tensor, ov, oi, N: int, outlier_block: in
         return False, None
     if not pre:
         return True, None
-    return False, outlier_product(x2d, ov, oi, N=N, outlier_block=outlier_block,
+    return False, outlier_product(x2d, outlier_values, outlier_index, N=N, outlier_block=outlier_block,
                                   outliers_per_block=outliers_per_block, in_features=in_features)
 
 
-def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, scale, shift, bias, *,
+def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, outlier_values, outlier_index,
+                    scale, shift, bias, *,
                     outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
                     config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M <= 64, K] bf16/fp16 (fp32 accumulation),
@@ -428,7 +440,7 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     overrides :func:`pick_config`'s keys (tests and the benchmark sweep)."""
     M, K = x2d.shape
     N = out_features
-    x2d, y = launch_inputs("Gluon", _can_run(N, K, 8, 16, x2d, wv, wm), x2d, wv, wm, N, out)
+    x2d, y = launch_inputs("Gluon", _can_run(N, K, 8, 16, x2d, values, positions), x2d, values, positions, N, out)
     if M == 0:
         return y
     cfg = pick_config(M, N, K)
@@ -437,15 +449,16 @@ def fragment_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, o
     if WK * WN > 32 or BM not in (8, 16, 32):
         raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK} (BM 8/16/32, at most 32 warps)")
     S = -(-K // fr.STEP_COLS)
-    has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
+    has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
+                                outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     dummy = y
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0 and S % WK == 0
     grid = (N // (16 * WN), -(-M // BM))
     nm16_fragment_kernel[grid](
-        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
-        ov if has_out else dummy, oi if has_out else dummy,
+        x2d, x2d.view(torch.int32), values.view(torch.int32), positions.view(torch.int32), _table(x2d.device),
+        outlier_values if has_out else dummy, outlier_index if has_out else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         bias if bias is not None else dummy, pre if pre is not None else dummy, y,
         M, N, K, S, y.stride(0), NO, x2d.stride(0),

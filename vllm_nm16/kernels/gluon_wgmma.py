@@ -137,6 +137,10 @@ def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.co
     return gl.convert_layout(gl.reshape(d, [R, 128]), a_l, assert_trivial=True)
 
 
+# Arguments as nm16_fragment_kernel's (gluon_nm16.py), plus ws / cnt (the split-K workspace and tile counters).
+# Compile-time constants: NW = warps (16 output rows each), BM = tokens per CTA (the wgmma N), SPLIT = CTAs per tile
+# along K, HAS_PRE = the outlier product comes from outliers.py, OB / OK = outlier block / outliers per row and block;
+# acc_l ... fl = the layouts of make_layouts.
 @gluon.jit
 def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
                       pre_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
@@ -329,11 +333,11 @@ def pick_config(M: int, N: int, K: int) -> dict:
     return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre}  # (the launcher drops SPLIT past MAX_TILES tiles)
 
 
-def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: torch.Tensor,
-                  wm: torch.Tensor) -> tuple[bool, str]:
+def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[bool, str]:
     """Whether the kernel can compute this call, and why not: the mma_v2 kernel's conditions (8:16, dtypes, int16
     masks, K % 32), plus sm_90 (wgmma), N % 64 (64-row tiles) and N + K < 2**30 (the table-offset trick)."""
-    ok, why = _can_run(N, K, n, m, x, wv, wm)
+    ok, why = _can_run(N, K, n, m, x, values, positions)
     if not ok:
         return ok, why
     if N % 64:
@@ -345,14 +349,16 @@ def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, wv: t
     return True, ""
 
 
-def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, scale, shift, bias, *,
+def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, outlier_values, outlier_index,
+                 scale, shift, bias, *,
                  outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
                  config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` (as gluon_nm16.fragment_linear) for any M; tuned
     for M 17..256."""
     M, K = x2d.shape
     N = out_features
-    x2d, y = launch_inputs("wgmma", can_implement(M, N, K, 8, 16, x2d, wv, wm), x2d, wv, wm, N, out)
+    x2d, y = launch_inputs("wgmma", can_implement(M, N, K, 8, 16, x2d, values, positions), x2d, values, positions, N,
+                           out)
     if M == 0:
         return y
     cfg = pick_config(M, N, K)
@@ -363,14 +369,15 @@ def wgmma_linear(x2d: torch.Tensor, wv: torch.Tensor, wm: torch.Tensor, ov, oi, 
     grid = (N // (16 * NW), -(-M // BM), split)
     if grid[0] * grid[1] > MAX_TILES:
         split, grid = 1, grid[:2] + (1,)
-    has_out, pre = outlier_pass(bool(cfg["PRE"]), x2d, ov, oi, N, outlier_block, outliers_per_block, in_features)
+    has_out, pre = outlier_pass(bool(cfg["PRE"]), x2d, outlier_values, outlier_index, N, outlier_block,
+                                outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     nm16_wgmma_kernel[grid](
-        x2d, x2d.view(torch.int32), wv.view(torch.int32), wm.view(torch.int32), _table(x2d.device),
-        ov if has_out else y, oi if has_out else y, scale if scale is not None else y,
+        x2d, x2d.view(torch.int32), values.view(torch.int32), positions.view(torch.int32), _table(x2d.device),
+        outlier_values if has_out else y, outlier_index if has_out else y, scale if scale is not None else y,
         shift if shift is not None else y, bias if bias is not None else y, pre if pre is not None else y, y, ws,
         _counters(x2d.device), M, N, K, S, y.stride(0), NO, x2d.stride(0),
         _ASM, DT, NW, BM, split, even_k, even_k and M % BM == 0,

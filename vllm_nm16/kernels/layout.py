@@ -64,9 +64,10 @@ def lut_for(device: torch.device) -> torch.Tensor:
 def repack(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tensor | None,
            outlier_index: torch.Tensor | None, *, n: int, m: int, outlier_block: int | None,
            outliers_per_block: int, pos_mode: str | None = None):
-    """On-disk tensors of one (already sharded) layer -> ``(wv, wm, ov, oi)`` for :func:`nm16_linear`.
+    """On-disk tensors of one (already sharded) layer -> ``(values, positions, outlier_values, outlier_index)`` for
+    :func:`nm16_linear`.
 
-    ``wm``'s dtype tells the kernel which position mode it holds: int16 = POS_LUT16, int32 = POS_NIBBLE32,
+    ``positions``' dtype tells the kernel which position mode it holds: int16 = POS_LUT16, int32 = POS_NIBBLE32,
     uint8 = POS_BYTE. Outliers stay as on disk (values in the model dtype, in-block offsets as uint8/int16).
     """
     if pos_mode is None:
@@ -78,23 +79,21 @@ def repack(values: torch.Tensor, mask: torch.Tensor, outlier_values: torch.Tenso
     out_f, groups = mask.shape
     if values.shape != (out_f, groups * n):
         raise ValueError(f"nm16 repack: weight_values shape {tuple(values.shape)} != ({out_f}, {groups * n})")
-    wv = values.contiguous()
+    values = values.contiguous()
     if pos_mode == POS_LUT16:
         if mask.dtype != torch.int16:
             raise ValueError(f"nm16 repack: 8:16 weight_mask must be int16, got {mask.dtype}")
-        wm = mask.contiguous()
+        positions = mask.contiguous()
         lut_for(mask.device)
     else:
         pos = fmt.kept_positions(mask, n, m)
         if pos_mode == POS_NIBBLE32:
             word = (pos << (4 * torch.arange(n, device=pos.device))).sum(-1)
-            wm = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+            positions = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
         else:
-            wm = pos.reshape(out_f, groups * n).to(torch.uint8).contiguous()
-    ov = oi = None
-    if outliers_per_block:
-        if outlier_values is None or outlier_index is None:
-            raise ValueError("nm16 repack: outliers_per_block > 0 but outlier tensors are missing")
-        ov = outlier_values.contiguous()
-        oi = outlier_index.contiguous()
-    return wv, wm, ov, oi
+            positions = pos.reshape(out_f, groups * n).to(torch.uint8).contiguous()
+    if not outliers_per_block:
+        return values, positions, None, None
+    if outlier_values is None or outlier_index is None:
+        raise ValueError("nm16 repack: outliers_per_block > 0 but outlier tensors are missing")
+    return values, positions, outlier_values.contiguous(), outlier_index.contiguous()

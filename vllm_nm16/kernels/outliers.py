@@ -62,15 +62,17 @@ def pick_config(M: int) -> dict:
     return {"BR": 16, "BS": 16, "BT": 64, "num_warps": 4}
 
 
-def outlier_product(x2d: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, *, N: int, outlier_block: int,
+def outlier_product(x2d: torch.Tensor, outlier_values: torch.Tensor, outlier_index: torch.Tensor, *, N: int,
+                    outlier_block: int,
                     outliers_per_block: int, in_features: int, config: dict | None = None) -> torch.Tensor:
-    """fp32 [M, N]: ``o[m, n] = sum_j ov[n, j] * x[m, col(n, j)]`` with ``col = (j // k) * B + oi[n, j]`` (the on-disk
-    outlier layout: ``outliers_per_block`` = k slots per row and block of ``outlier_block`` = B columns)."""
+    """fp32 [M, N]: ``o[m, n] = sum_j outlier_values[n, j] * x[m, col(n, j)]`` with ``col = (j // k) * B +
+    outlier_index[n, j]`` (the on-disk outlier layout: ``outliers_per_block`` = k slots per row and block of
+    ``outlier_block`` = B columns)."""
     M, K = x2d.shape
     NO = (in_features // outlier_block) * outliers_per_block
-    if tuple(ov.shape) != (N, NO) or tuple(oi.shape) != (N, NO):
-        raise ValueError(f"outliers {tuple(ov.shape)} / {tuple(oi.shape)}: expected ({N}, {NO}) for {N} x "
-                         f"{in_features} with {outliers_per_block} per {outlier_block} columns")
+    if tuple(outlier_values.shape) != (N, NO) or tuple(outlier_index.shape) != (N, NO):
+        raise ValueError(f"outliers {tuple(outlier_values.shape)} / {tuple(outlier_index.shape)}: expected ({N}, {NO}) "
+                         f"for {N} x {in_features} with {outliers_per_block} per {outlier_block} columns")
     cfg = pick_config(M)
     cfg.update(config or {})
     o = torch.empty((M, N), dtype=torch.float32, device=x2d.device)
@@ -78,7 +80,8 @@ def outlier_product(x2d: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, *, N:
         return o
     grid = (triton.cdiv(N, cfg["BR"]), triton.cdiv(M, cfg["BT"]))
     mp = grid[1] * cfg["BT"]
-    _outlier_kernel[grid](padded_transpose(x2d.contiguous(), mp), ov, oi, o, N, NO, mp, M, OB=outlier_block,
+    _outlier_kernel[grid](padded_transpose(x2d.contiguous(), mp), outlier_values, outlier_index, o, N, NO, mp, M,
+                          OB=outlier_block,
                           OK=outliers_per_block, BR=cfg["BR"], BS=cfg["BS"], BT=cfg["BT"],
                           num_warps=cfg["num_warps"])
     return o

@@ -93,7 +93,8 @@ def _tile_groups(m: int, outlier_block: int | None, has_out: bool, want_cols: in
     return max(1, cols // m)
 
 
-def unpack_to_dense(wv, wm, ov, oi, scale, *, n: int, m: int, outlier_block: int | None, outliers_per_block: int,
+def unpack_to_dense(values, positions, outlier_values, outlier_index, scale, *, n: int, m: int,
+                    outlier_block: int | None, outliers_per_block: int,
                     in_features: int, out_features: int, dtype: torch.dtype, rows: int = 16,
                     cols: int = 256, num_warps: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's effective weight ``scale * W_nm + W_out`` as a dense [out, in] tensor of ``dtype``: ``out`` if
@@ -107,19 +108,20 @@ def unpack_to_dense(wv, wm, ov, oi, scale, *, n: int, m: int, outlier_block: int
     BG = _tile_groups(m, outlier_block, has_out, cols)
     if BG * m < 16 or (has_out and outlier_block % (BG * m)):
         raise ValueError(f"nm16 scratch: no tile of >= 16 columns fits the outlier block {outlier_block} ({n}:{m})")
-    w = torch.empty((N, K), dtype=dtype, device=wv.device) if out is None else out
-    pos_mode = _POS_MODE_OF_DTYPE[wm.dtype]
-    lut = lut_for(wv.device) if pos_mode == 0 else wm
+    w = torch.empty((N, K), dtype=dtype, device=values.device) if out is None else out
+    pos_mode = _POS_MODE_OF_DTYPE[positions.dtype]
+    lut = lut_for(values.device) if pos_mode == 0 else positions
     _unpack_kernel[(triton.cdiv(N, rows), triton.cdiv(G, BG))](
-        wv, wm, lut, scale if scale is not None else wv, ov if has_out else wv, oi if has_out else wv, w, N, G, K,
+        values, positions, lut, scale if scale is not None else values, outlier_values if has_out else values,
+        outlier_index if has_out else values, w, N, G, K,
         NK=n, MG=m, POS_MODE=pos_mode, HAS_SCALE=scale is not None, HAS_OUT=has_out,
         OB=outlier_block if has_out else 1, OK=outliers_per_block if has_out else 1, BR=rows, BG=BG,
         num_warps=num_warps)
     return w
 
 
-def scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block, outliers_per_block, in_features,
-                   out_features, out=None, chunk_bytes: int | None = None):
+def scratch_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, *, n, m, outlier_block,
+                   outliers_per_block, in_features, out_features, out=None, chunk_bytes: int | None = None):
     """``y = x @ W_eff.T + shift + bias`` by decoding W_eff into a scratch and calling cuBLAS; with ``chunk_bytes``
     > 0, that many bytes of dense weight (whole rows) at a time into one reused buffer (bounds the scratch memory;
     the hope that an L2-sized chunk would skip the HBM round trip did not pan out, see NM16_SCRATCH_CHUNK_MB)."""
@@ -135,8 +137,8 @@ def scratch_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_blo
     for r0 in range(0, N, rows):  # a Python loop over a static count: CUDA-graph safe
         r1 = min(N, r0 + rows)
         part = lambda t: None if t is None else t[r0:r1]  # noqa: E731  (all weight tensors are row-major by output)
-        w = unpack_to_dense(wv[r0:r1], wm[r0:r1], part(ov), part(oi), part(scale), out_features=r1 - r0,
-                            out=buf[: r1 - r0], **common)
+        w = unpack_to_dense(values[r0:r1], positions[r0:r1], part(outlier_values), part(outlier_index), part(scale),
+                            out_features=r1 - r0, out=buf[: r1 - r0], **common)
         torch.mm(x2d, w.t(), out=y[:, r0:r1])  # cuBLAS writes the column slice in place (ldc = N)
     b = output_bias(shift, bias, y.dtype)
     if b is not None:

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-# wm dtype -> position mode constexpr (layout.POS_LUT16 / POS_NIBBLE32 / POS_BYTE).
+# positions dtype -> position mode constexpr (layout.POS_LUT16 / POS_NIBBLE32 / POS_BYTE).
 _POS_MODE_OF_DTYPE = {torch.int16: 0, torch.int32: 1, torch.uint8: 2}
 
 

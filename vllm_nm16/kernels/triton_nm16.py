@@ -296,8 +296,8 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block, outliers_per_block,
-                in_features, out_features, config=None, out=None):
+def nm16_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, *, n, m, outlier_block,
+                outliers_per_block, in_features, out_features, config=None, out=None):
     """See vllm_nm16.kernels.nm16_linear. ``config`` (a dict like configs.pick_config's) overrides the table."""
     M, K = x2d.shape
     N = out_features
@@ -305,19 +305,19 @@ def nm16_linear(x2d, wv, wm, ov, oi, scale, shift, bias, *, n, m, outlier_block,
         raise ValueError(f"nm16_linear: x has {K} columns, the layer has in_features={in_features}")
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    pos_mode = _POS_MODE_OF_DTYPE[wm.dtype]
+    pos_mode = _POS_MODE_OF_DTYPE[positions.dtype]
     has_out = bool(outliers_per_block)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
     if M == 0:
         return y
-    lut = lut_for(x2d.device) if pos_mode == 0 else wm
+    lut = lut_for(x2d.device) if pos_mode == 0 else positions
     cfg = config or pick_config(N, K, M, n=n, m=m, outlier_block=outlier_block if has_out else None)
     dummy = y
     G = K // m
     common = dict(NK=n, MG=m, POS_MODE=pos_mode, OB=outlier_block if has_out else 1,
                   OK=outliers_per_block if has_out else 1, HAS_OUT=has_out, HAS_SCALE=scale is not None,
                   HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None)
-    args = (x2d, wv, wm, lut, ov if has_out else dummy, oi if has_out else dummy,
+    args = (x2d, values, positions, lut, outlier_values if has_out else dummy, outlier_index if has_out else dummy,
             scale if scale is not None else dummy, shift if shift is not None else dummy,
             bias if bias is not None else dummy, y, M, N, K, x2d.stride(0), y.stride(0))
     if cfg["kernel"] == "dot":
