@@ -36,30 +36,26 @@ def nm16_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
         from vllm_nm16.kernels.gluon_nm16 import fragment_linear  # noqa: PLC0415  (lazy: Triton import)
 
         return fragment_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias,
-                               outlier_block=outlier_block or 0,
-                               outliers_per_block=outliers_per_block, in_features=in_features,
-                               out_features=out_features, config=cfg, out=out)
+                               outlier_block=outlier_block or 0, outliers_per_block=outliers_per_block,
+                               in_features=in_features, out_features=out_features, config=cfg, out=out)
     if cfg["kernel"] == "wgmma":
         from vllm_nm16.kernels.gluon_wgmma import wgmma_linear  # noqa: PLC0415  (lazy: Triton import)
 
         return wgmma_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias,
-                            outlier_block=outlier_block or 0,
-                            outliers_per_block=outliers_per_block, in_features=in_features,
-                            out_features=out_features, config=cfg, out=out)
+                            outlier_block=outlier_block or 0, outliers_per_block=outliers_per_block,
+                            in_features=in_features, out_features=out_features, config=cfg, out=out)
     if cfg["kernel"] == "scratch":
         from vllm_nm16.kernels.scratch import scratch_linear  # noqa: PLC0415
 
         return scratch_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,
-                              outlier_block=outlier_block,
-                              outliers_per_block=outliers_per_block, in_features=in_features,
-                              out_features=out_features, out=out,
+                              outlier_block=outlier_block, outliers_per_block=outliers_per_block,
+                              in_features=in_features, out_features=out_features, out=out,
                               chunk_bytes=int(cfg["chunk_mb"] * 2**20) if "chunk_mb" in cfg else None)
     from vllm_nm16.kernels.triton_nm16 import nm16_linear as _impl  # noqa: PLC0415  (lazy: Triton import)
 
     return _impl(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,
-                 outlier_block=outlier_block,
-                 outliers_per_block=outliers_per_block, in_features=in_features, out_features=out_features,
-                 config=cfg, out=out)
+                 outlier_block=outlier_block, outliers_per_block=outliers_per_block, in_features=in_features,
+                 out_features=out_features, config=cfg, out=out)
 
 
 # Largest M the Gluon kernel serves (above: the scratch path, kernels/scratch.py); gluon_nm16.MAX_M is its limit.

@@ -400,8 +400,7 @@ def _can_run(N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tens
 
 
 def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  N: int,
-                  out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  N: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The checks and inputs shared by the Gluon launchers: refuse (ValueError naming ``kernel`` and the reason) what
     ``can`` refuses or tensors that are not an 8:16 layer of N x K; x contiguous and 16-byte aligned (its row stride
     is a compile-time constant: immediate offsets in the outlier gathers); y = ``out`` or a fresh [M, N]."""
@@ -419,8 +418,7 @@ def launch_inputs(kernel: str, can: tuple[bool, str], x2d: torch.Tensor, values:
 
 
 def outlier_pass(pre: bool, x2d: torch.Tensor, outlier_values, outlier_index, N: int, outlier_block: int,
-                 outliers_per_block: int,
-                 in_features: int) -> tuple[bool, torch.Tensor | None]:
+                 outliers_per_block: int, in_features: int) -> tuple[bool, torch.Tensor | None]:
     """(whether the kernel computes the outliers itself, the outlier product it adds instead or None): with ``pre``
     (the launch config's choice) the outliers run first as their own pass (outliers.py) and the epilogue adds it."""
     if not outliers_per_block:
@@ -432,9 +430,8 @@ def outlier_pass(pre: bool, x2d: torch.Tensor, outlier_values, outlier_index, N:
 
 
 def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, outlier_values, outlier_index,
-                    scale, shift, bias, *,
-                    outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
-                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    scale, shift, bias, *, outlier_block: int, outliers_per_block: int, in_features: int,
+                    out_features: int, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M <= 64, K] bf16/fp16 (fp32 accumulation),
     on the on-disk tensors: values [N, K/2] (x's dtype), int16 mask [N, K/16], outliers as on disk. ``config``
     overrides :func:`pick_config`'s keys (tests and the benchmark sweep)."""

@@ -350,15 +350,14 @@ def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, value
 
 
 def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, outlier_values, outlier_index,
-                 scale, shift, bias, *,
-                 outlier_block: int, outliers_per_block: int, in_features: int, out_features: int,
-                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 scale, shift, bias, *, outlier_block: int, outliers_per_block: int, in_features: int,
+                 out_features: int, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` (as gluon_nm16.fragment_linear) for any M; tuned
     for M 17..256."""
     M, K = x2d.shape
     N = out_features
-    x2d, y = launch_inputs("wgmma", can_implement(M, N, K, 8, 16, x2d, values, positions), x2d, values, positions, N,
-                           out)
+    can = can_implement(M, N, K, 8, 16, x2d, values, positions)
+    x2d, y = launch_inputs("wgmma", can, x2d, values, positions, N, out)
     if M == 0:
         return y
     cfg = pick_config(M, N, K)

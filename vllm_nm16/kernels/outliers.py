@@ -63,8 +63,8 @@ def pick_config(M: int) -> dict:
 
 
 def outlier_product(x2d: torch.Tensor, outlier_values: torch.Tensor, outlier_index: torch.Tensor, *, N: int,
-                    outlier_block: int,
-                    outliers_per_block: int, in_features: int, config: dict | None = None) -> torch.Tensor:
+                    outlier_block: int, outliers_per_block: int, in_features: int,
+                    config: dict | None = None) -> torch.Tensor:
     """fp32 [M, N]: ``o[m, n] = sum_j outlier_values[n, j] * x[m, col(n, j)]`` with ``col = (j // k) * B +
     outlier_index[n, j]`` (the on-disk outlier layout: ``outliers_per_block`` = k slots per row and block of
     ``outlier_block`` = B columns)."""
@@ -81,7 +81,6 @@ def outlier_product(x2d: torch.Tensor, outlier_values: torch.Tensor, outlier_ind
     grid = (triton.cdiv(N, cfg["BR"]), triton.cdiv(M, cfg["BT"]))
     mp = grid[1] * cfg["BT"]
     _outlier_kernel[grid](padded_transpose(x2d.contiguous(), mp), outlier_values, outlier_index, o, N, NO, mp, M,
-                          OB=outlier_block,
-                          OK=outliers_per_block, BR=cfg["BR"], BS=cfg["BS"], BT=cfg["BT"],
+                          OB=outlier_block, OK=outliers_per_block, BR=cfg["BR"], BS=cfg["BS"], BT=cfg["BT"],
                           num_warps=cfg["num_warps"])
     return o

@@ -94,9 +94,9 @@ def _tile_groups(m: int, outlier_block: int | None, has_out: bool, want_cols: in
 
 
 def unpack_to_dense(values, positions, outlier_values, outlier_index, scale, *, n: int, m: int,
-                    outlier_block: int | None, outliers_per_block: int,
-                    in_features: int, out_features: int, dtype: torch.dtype, rows: int = 16,
-                    cols: int = 256, num_warps: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+                    outlier_block: int | None, outliers_per_block: int, in_features: int, out_features: int,
+                    dtype: torch.dtype, rows: int = 16, cols: int = 256, num_warps: int = 4,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's effective weight ``scale * W_nm + W_out`` as a dense [out, in] tensor of ``dtype``: ``out`` if
     given (tests poison it), else a fresh ``torch.empty`` buffer (every element is written). ``rows`` x ``cols``
     elements per program (cols capped to fit the outlier block): 16 x 256 with 4 warps was the best of 18 configs on
