@@ -77,7 +77,11 @@ def row_recipe(row: str) -> dict | None:
     return dataclasses.asdict(recipe)
 
 
-def git_commit() -> dict:
+def git_commit(given: str | None = None) -> dict:
+    """The commit a row ran on: git's answer, or ``given`` (a copy of the tree without its history, e.g. on the GPU
+    host, records the commit it was copied from)."""
+    if given:
+        return {"commit": given, "dirty": False, "commit_given": True}
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
@@ -107,11 +111,12 @@ def run_row(row: str, recipe: dict | None, model_dir: Path, tok, windows, args) 
     if recipe is not None:
         r = Recipe(**{**recipe, "calib": str(args.calib)})
         samples = calibration_samples(tok, args.calib, r.nsamples, r.seqlen, r.seed)
-        _spec, results, ignore, info = compress_model(model, samples, r, progress=not args.quiet)
+        _spec, results, ignore, info = compress_model(model, samples, r, device=args.device, progress=not args.quiet)
         out.update(outliers_resolved=info["outliers_kb"], dense_layers=len(ignore), compress_seconds=info["seconds"],
                    mean_rel_error=sum(x.report["rel_error_after_correction"] for x in results.values())
                    / len(results))
     t1 = time.time()
+    model.to(args.device)
     nll, count = perplexity_of_model(model, windows, batch_size=4, progress=not args.quiet, desc=row)
     out.update(perplexity=math.exp(nll / count), nll_sum=nll, tokens=count, eval_seconds=round(time.time() - t1, 1),
                seconds=round(time.time() - t0, 1))
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", default="16384", help="first N tokens of --text, or 'all'")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where blocks are compressed and the model is evaluated (cuda)")
+    ap.add_argument("--commit", help="record this commit instead of asking git (a tree copied without its history)")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_ablation.json")
     ap.add_argument("--again", action="store_true", help="rerun rows already recorded with the same settings")
     ap.add_argument("--quiet", action="store_true")
@@ -152,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     windows = make_windows(load_eval_ids(tok, args.text, max_tokens), args.eval_seqlen)
     settings = {"model": _rel(args.model), "calib": _rel(args.calib), "text": _rel(args.text),
                 "eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen, "threads": args.threads,
+                **({"device": args.device} if args.device != "cpu" else {}),
                 "scored_tokens": sum(len(w.ids) - max(w.score_from, 1) for w in windows)}
     data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
-    command = "nice -n 5 .venv/bin/python benchmarks/ablation.py " + " ".join(
+    command = ("nice -n 5 .venv/bin/python" if args.device == "cpu" else "python3") + " benchmarks/ablation.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for row, recipe in recipes.items():
-        commit = git_commit()
+        commit = git_commit(args.commit)
         same = [r for r in data["runs"] if r["settings"] == settings and r["recipe"] == recipe
                 and r["commit"] == commit["commit"]]
         if same and not args.again:
