@@ -131,15 +131,16 @@ def _nm16_gemv_kernel(x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr,
                       BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
                       PERSISTENT: tl.constexpr):
     # PERSISTENT: a grid of a few programs per SM walks the row tiles (fewer, longer-lived programs: no tail of
-    # thousands of tiny CTAs); otherwise one program per tile.
-    pid_m = tl.program_id(1)
+    # thousands of tiny CTAs); otherwise one program per tile (a walk of one step).
+    first = tl.program_id(0)
     if PERSISTENT:
-        for pid_n in range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0)):
-            _gemv_tile(pid_n, pid_m, x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                       y_ptr, M, N, K, stride_xm, stride_ym, NK, MG, POS_MODE, OB, OK, HAS_OUT, HAS_SCALE,
-                       HAS_SHIFT, HAS_BIAS, EVEN_G, OUT_IN_LOOP, BM, BN, BG, BO)
+        end = tl.cdiv(N, BN)
+        stride = tl.num_programs(0)
     else:
-        _gemv_tile(tl.program_id(0), pid_m, x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr,
+        end = first + 1
+        stride = 1
+    for pid_n in range(first, end, stride):
+        _gemv_tile(pid_n, tl.program_id(1), x_ptr, wv_ptr, wm_ptr, lut_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr,
                    bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, NK, MG, POS_MODE, OB, OK, HAS_OUT, HAS_SCALE,
                    HAS_SHIFT, HAS_BIAS, EVEN_G, OUT_IN_LOOP, BM, BN, BG, BO)
 
@@ -279,7 +280,6 @@ def _split_k_reduce(ws_ptr, shift_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT_K
     tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-last_compiled = None
 _SMS: dict = {}
 
 
@@ -338,13 +338,11 @@ def nm16_linear(x2d, values, positions, outlier_values, outlier_index, scale, sh
         xt = x2d.t().contiguous() if out_xt else x2d
         # fp32 activations (vLLM --dtype float32) get an exact fp32 dot, not TF32; the interpreter needs fp32 too.
         dot_fp32 = _interpreted() or x2d.dtype == torch.float32
-        compiled = _nm16_dot_kernel[grid](*args, **common, EVEN_G=G % BG == 0 and G % g_per == 0,
-                                          DOT_FP32=dot_fp32, BM=BM, BN=BN, BG=BG, BO=BO,
-                                          GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, G_PER_SPLIT=g_per,
-                                          ws_ptr=ws, OUT_MERGE=out_merge, OKP=_next_pow2(common["OK"]),
-                                          xt_ptr=xt, OUT_XT=out_xt,
-                                          num_warps=cfg.get("num_warps", 4),
-                                          num_stages=cfg.get("num_stages", 3))
+        _nm16_dot_kernel[grid](*args, **common, EVEN_G=G % BG == 0 and G % g_per == 0, DOT_FP32=dot_fp32, BM=BM,
+                               BN=BN, BG=BG, BO=BO, GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, G_PER_SPLIT=g_per,
+                               ws_ptr=ws, OUT_MERGE=out_merge, OKP=_next_pow2(common["OK"]), xt_ptr=xt,
+                               OUT_XT=out_xt, num_warps=cfg.get("num_warps", 4),
+                               num_stages=cfg.get("num_stages", 3))
         if split > 1:
             block = 1024
             _split_k_reduce[(triton.cdiv(M * N, block),)](
@@ -361,9 +359,7 @@ def nm16_linear(x2d, values, positions, outlier_values, outlier_index, scale, sh
         step = BG * m
         out_in_loop = has_out and step % outlier_block == 0 and cfg.get("out_in_loop", True)
         BO = _next_pow2(step // outlier_block * outliers_per_block) if out_in_loop else cfg.get("BO", 16)
-        compiled = _nm16_gemv_kernel[grid](*args, **common, EVEN_G=G % BG == 0, OUT_IN_LOOP=out_in_loop,
-                                           BM=BM, BN=BN, BG=BG, BO=BO, PERSISTENT=bool(per_sm),
-                                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-    global last_compiled
-    last_compiled = compiled  # for the lab's register/SASS report
+        _nm16_gemv_kernel[grid](*args, **common, EVEN_G=G % BG == 0, OUT_IN_LOOP=out_in_loop, BM=BM, BN=BN, BG=BG,
+                                BO=BO, PERSISTENT=bool(per_sm), num_warps=cfg.get("num_warps", 4),
+                                num_stages=cfg.get("num_stages", 2))
     return y
