@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import SHAPES, graph_us as _graph_us  # benchmarks/common.py (the script folder is on sys.path)
+from common import SHAPES, graph_us as _graph_us, graphs_us_interleaved  # benchmarks/common.py (the script folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the kernels' launch-shape rules (sass_per_kept) without an installed checkout
@@ -95,7 +95,8 @@ def measure(args) -> dict:
               "copy_bandwidth_Bps": bw, "bf16_matmul_flops": flops, "command": " ".join(sys.argv),
               "outliers_k": args.outliers_k, "outlier_block": args.outlier_block,
               "timing": "CUDA-graph replay of back-to-back calls rotating over >= 120 MB of weight copies "
-                        "(weights from HBM, no launch overhead); median of 7 replays"}
+                        "(weights from HBM, no launch overhead); median of 7 replays; --gluon-configs variants "
+                        "with main's own choice (variant_baseline) replayed interleaved, rotating order, 7 rounds"}
     print(f"{smi}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s  "
           f"bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
 
@@ -162,23 +163,27 @@ def measure(args) -> dict:
                          "outliers": with_out, "scale": with_out, "kernel": kname if with_out else kname_bare,
                          "config": {"kernel": kname} if kname in ("gluon", "wgmma") else cfg,
                          "weight_copies": len(fulls)})
-        for vc in (json.loads(args.gluon_configs) if args.gluon_configs else []):
-            if vc.get("kernel", "gluon") == "gluon" and M > 64:
-                continue
-            try:
-                v_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
-                                                         outliers_per_block=k, in_features=K, out_features=N,
-                                                         config={"kernel": "gluon", **vc}) for f in fulls])
-                b_us = graph_us([lambda f=f: nm16_linear(x, f[0], f[1], None, None, None, None, None, n=8, m=16,
-                                                         outlier_block=None, outliers_per_block=0, in_features=K,
-                                                         out_features=N, config={"kernel": "gluon", **vc})
-                                 for f in fulls])
-            except Exception as e:  # noqa: BLE001
-                print(f"FAILED variant {vc}: {type(e).__name__}: {str(e)[:300]}")
-                v_us = b_us = float("nan")
-            rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us, "bare_us": b_us})
-            print(f"   variant {vc}: {v_us:.1f} us ({dense_us / v_us:.2f}x), bare {b_us:.1f} us "
-                  f"({dense_us / b_us:.2f}x)", flush=True)
+        variants = [vc for vc in (json.loads(args.gluon_configs) if args.gluon_configs else [])
+                    if not (vc.get("kernel", "gluon") == "gluon" and M > 64)]
+        if variants:
+            # Each variant with and without outliers, timed interleaved with the product's own choice (same
+            # rounds, rotating order): a variant measured after main in a separate pass ran ~3% slow on the H200.
+            def calls(config, with_out):
+                if with_out:
+                    return [lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
+                                                    outliers_per_block=k, in_features=K, out_features=N,
+                                                    config=config) for f in fulls]
+                return [lambda f=f: nm16_linear(x, f[0], f[1], None, None, None, None, None, n=8, m=16,
+                                                outlier_block=None, outliers_per_block=0, in_features=K,
+                                                out_features=N, config=config) for f in fulls]
+            configs = [None] + [{"kernel": "gluon", **vc} for vc in variants]
+            us = graphs_us_interleaved([calls(c, w) for c in configs for w in (True, False)], args.graph_us)
+            rows[-2]["variant_baseline"] = {"nm16_us": us[0], "bare_us": us[1]}
+            for j, vc in enumerate(variants, start=1):
+                v_us, b_us = us[2 * j], us[2 * j + 1]
+                rows[-2].setdefault("variants", []).append({"config": vc, "nm16_us": v_us, "bare_us": b_us})
+                print(f"   variant {vc}: {v_us:.1f} us ({v_us / us[0]:.3f} of main's {us[0]:.1f}), bare "
+                      f"{b_us:.1f} us ({b_us / us[1]:.3f} of {us[1]:.1f})", flush=True)
         if kname in ("gluon", "wgmma"):  # the previous (Triton/scratch) kernel on the same call: "not slower than main"
             triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
                                                           outliers_per_block=k, in_features=K, out_features=N,

@@ -20,12 +20,9 @@ SHAPES: dict[str, tuple[int, int]] = {
 SHAPES_8B = tuple(name for name in SHAPES if name.startswith("8B "))
 
 
-def graph_us(fns, target_us: float | None = None, replays: int = 7) -> float:
-    """Median per-call time (µs) of the calls in ``fns`` (e.g. one per weight copy, so that the weights come from
-    HBM), captured back to back in one CUDA graph and replayed ``replays`` times (no launch overhead).
-
-    ``target_us``: repeat the whole list in the graph as often as needed (1-40 times) for one replay to take about
-    that long, estimated from one eager pass; None: the list once."""
+def _capture(fns, target_us: float | None):
+    """One CUDA graph of the calls in ``fns`` back to back, repeated to last about ``target_us`` (see graph_us).
+    Returns (graph, calls per replay)."""
     import torch
 
     torch.cuda.synchronize()
@@ -49,15 +46,58 @@ def graph_us(fns, target_us: float | None = None, replays: int = 7) -> float:
                 f()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        e0.record()
-        graph.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(1e3 * e0.elapsed_time(e1) / (reps * len(fns)))
+    return graph, reps * len(fns)
+
+
+def _replay_us(graph, calls: int) -> float:
+    """Per-call time (µs) of one replay of a captured graph."""
+    import torch
+
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return 1e3 * e0.elapsed_time(e1) / calls
+
+
+def graph_us(fns, target_us: float | None = None, replays: int = 7) -> float:
+    """Median per-call time (µs) of the calls in ``fns`` (e.g. one per weight copy, so that the weights come from
+    HBM), captured back to back in one CUDA graph and replayed ``replays`` times (no launch overhead).
+
+    ``target_us``: repeat the whole list in the graph as often as needed (1-40 times) for one replay to take about
+    that long, estimated from one eager pass; None: the list once."""
+    graph, calls = _capture(fns, target_us)
+    times = sorted(_replay_us(graph, calls) for _ in range(replays))
     del graph
-    return sorted(times)[len(times) // 2]
+    return times[len(times) // 2]
+
+
+def rotations(n: int, rounds: int) -> list[list[int]]:
+    """The order of ``n`` timed items in each of ``rounds`` rounds: round r starts at item r mod n, so every item
+    is measured early and late equally often (what is timed last in a run measured ~3% slower on the H200)."""
+    return [[(r + i) % n for i in range(n)] for r in range(rounds)]
+
+
+def graphs_us_interleaved(fn_lists, target_us: float | None = None, rounds: int = 7) -> list[float]:
+    """Median per-call time (µs) of each list of calls in ``fn_lists``, each captured as in :func:`graph_us` and
+    replayed once per round in rotating order (:func:`rotations`), so that clocks and heat drifting over the run
+    do not favour whichever was measured first. A list whose capture fails gets NaN (the others are still timed)."""
+    graphs: list = []
+    for fns in fn_lists:
+        try:
+            graphs.append(_capture(fns, target_us))
+        except Exception as e:  # noqa: BLE001  (one bad variant must not lose the others)
+            print(f"FAILED capture: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            graphs.append(None)
+    live = [i for i, g in enumerate(graphs) if g is not None]
+    times: dict[int, list[float]] = {i: [] for i in live}
+    for order in rotations(len(live), rounds):
+        for j in order:
+            i = live[j]
+            times[i].append(_replay_us(*graphs[i]))
+    del graphs
+    return [sorted(times[i])[len(times[i]) // 2] if i in times else float("nan") for i in range(len(fn_lists))]
 
 
 _MEM_RE = re.compile(r"Model loading took ([0-9.]+) GiB")

@@ -374,3 +374,17 @@ def test_serve_dummy_against_a_fake_server(tmp_path, fail):
         assert res["chat_answered"] and res["chat"]["content"] == " w5 w77"
     (entry,) = scale_report.build([], [{**res, "_file": "x"}], "d" * 40, {})["serve"]
     assert (entry["started"], entry["chat_answered"], entry["commit"]) == (not fail, not fail, "d" * 40)
+
+
+@pytest.mark.parametrize("n,rounds", [(1, 3), (3, 3), (4, 8), (5, 7)])
+def test_interleaved_timing_rotates_fairly(n, rounds):
+    """graphs_us_interleaved's order: every item once per round, each round starting one item later, so that over
+    whole cycles every item is timed in every position equally often (no item always last)."""
+    orders = common.rotations(n, rounds)
+    assert len(orders) == rounds
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    assert [o[0] for o in orders] == [r % n for r in range(rounds)]
+    full = orders[: rounds - rounds % n]
+    for pos in range(n):
+        counts = [sum(o[pos] == i for o in full) for i in range(n)]
+        assert len(set(counts)) <= 1
