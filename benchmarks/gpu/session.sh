@@ -20,6 +20,18 @@
 #
 #   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5) -> $OUT/fuzz_h200.json + .log
 #
+# Qwen2.5-Coder-1.5B-Instruct (issue 13 item 5), after `install` (vLLM + gguf + /tmp/gpudata); its 1.1 GB GGUF rides
+# in ~53 MB slices, one ignored folder each (.gpuq/NN/qwen_NN, cut on the CPU machine from `make assets-large`'s
+# GGUF, see README.md); every row of the quality file is its own call (a compressed row takes minutes):
+#   qpart NN  : copy .gpuq/NN/qwen_* to /tmp/qparts
+#   qprep     : join the slices into the GGUF (size + magic checked by offline.assets_large), dequantize it to a bf16
+#               HF folder /tmp/nm16cache/models/qwen2.5-coder-1.5b
+#   qrow ROW  : one benchmarks/ablation.py row (dense | default | "default pattern=2:4" | "default
+#               pattern=unstructured") on the full sotu-eval, compressed and evaluated on the GPU; rows accumulate in
+#               /tmp/quality_qwen1.5b.json, copied to $OUT each call (NM16_COMMIT: the commit the tree came from)
+#   qvllm     : the default 8:16 checkpoint through vLLM: perplexity on the full sotu-eval vs transformers on the same
+#               checkpoint, greedy prompts, `vllm serve` answering chat (smollm_check.py --model) -> $OUT/qwen/
+#
 # Scale (issue 12), one H200, Llama-3-70B shapes (hidden 8192, intermediate 28672, 80 layers, 64/8 heads, vocab
 # 128256) on config-only folders made in /tmp with --load-format dummy (no weight files; nm16 = 8:16 + outliers 4/256
 # + scale); one device call each, results under $OUT/scale_h200/ (merge them with benchmarks/scale_report.py):
@@ -136,6 +148,26 @@ dense70b)
   grep -h "Model loading took\|GPU KV cache size\|init engine" "$OUT/scale_h200/70b_dense_tp1_gm$gm/e2e_dense.log" \
     | cut -c1-200 || true
   echo "dense70b (gpu_mem $gm) took $(( $(date +%s) - t0 )) s" ;;
+qpart)
+  mkdir -p /tmp/qparts && cp ".gpuq/$1"/qwen_* /tmp/qparts/ && ls /tmp/qparts | wc -l ;;
+qprep)
+  use_site
+  mkdir -p /tmp/nm16cache/models
+  cat /tmp/qparts/qwen_* > /tmp/nm16cache/models/qwen2.5-coder-1.5b.gguf
+  python3 -m offline.assets_large --root /tmp/nm16cache ;;
+qrow)
+  use_site
+  [ -f /tmp/quality_qwen1.5b.json ] || cp benchmarks/results/quality_qwen1.5b.json /tmp/ 2>/dev/null || true
+  python3 benchmarks/ablation.py "$1" --model /tmp/nm16cache/models/qwen2.5-coder-1.5b \
+    --calib /tmp/gpudata/sotu-calib-part.txt --text /tmp/gpudata/sotu-eval.txt --eval-tokens all --device cuda \
+    --commit "${NM16_COMMIT:?set NM16_COMMIT to the commit the tree was copied from}" --quiet \
+    --out /tmp/quality_qwen1.5b.json
+  cp /tmp/quality_qwen1.5b.json "$OUT/" ;;
+qvllm)
+  use_site
+  SMOLLM_SERVE=triton NM16_CACHE=/tmp/nm16cache python3 benchmarks/gpu/smollm_check.py \
+    --model /tmp/nm16cache/models/qwen2.5-coder-1.5b --calib /tmp/gpudata/sotu-calib-part.txt \
+    --eval /tmp/gpudata/sotu-eval.txt --ppl-tokens all --report qwen_gpu.json --out "$OUT/qwen" ;;
 fuzz)
   # torch + Triton only (no vLLM needed); ~8 min: 500 random cases on 8 worker processes, stops new cases at 420 s
   use_site

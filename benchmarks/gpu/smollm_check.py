@@ -1,16 +1,20 @@
-"""The default model on the GPU host (vLLM 0.26, H100): correctness of the CUDA path, end to end.
+"""A real model on the GPU host (vLLM 0.26): correctness of the CUDA path, end to end.
 
-1. SmolLM2-135M-Instruct from its GGUF -> bf16 HF folder (the same conversion as `make setup`), compressed with the
-   default recipe on the GPU (`offline.compress(..., device="cuda")`, calibration on sotu-calib).
+1. The model (default: SmolLM2-135M-Instruct from its GGUF -> bf16 HF folder, the same conversion as `make setup`;
+   `--model DIR` another HF folder, e.g. Qwen2.5-Coder-1.5B from `make assets-large`), compressed with the default
+   recipe on the GPU (`offline.compress(..., device="cuda")`, calibration on sotu-calib).
 2. Greedy decoding of several prompts through vLLM (`LLM`) with the Triton kernels, in vLLM's default mode
    (torch.compile + CUDA graphs), vs transformers on the unpacked dense weights (fp32), token by token
    (SMOLLM_BACKENDS=triton,torch adds an `LLM` run of the PyTorch path).
-3. Perplexity on sotu-eval through vLLM (prompt logprobs, GPU) vs the offline transformers number: within 1%.
+3. Perplexity on sotu-eval (first `--ppl-tokens`, or all) through vLLM (prompt logprobs, GPU) vs transformers on
+   the same checkpoint: within 1%.
 4. `vllm serve CKPT --quantization nm16` (compile + CUDA graphs on), once with the Triton kernels and once with the
    plugin's PyTorch path (VLLM_NM16_BACKEND=torch), each queried with the openai client: greedy completions of the
    same prompts (token ids compared) and a chat request.
 
     NM16_CACHE=/tmp/nm16cache python benchmarks/gpu/smollm_check.py --gguf G --calib C --eval E --out OUT_DIR
+    NM16_CACHE=/tmp/nm16cache python benchmarks/gpu/smollm_check.py --model .cache/models/qwen2.5-coder-1.5b \
+        --calib C --eval E --ppl-tokens all --report qwen_gpu.json --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -39,7 +43,11 @@ GEN_TOKENS = 48
 PPL_TOKENS = 8192
 
 
-def vllm_child(ckpt: str, eval_text: str, out_json: str) -> None:
+def _ppl_tokens(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def vllm_child(ckpt: str, eval_text: str, out_json: str, ppl_tokens: str) -> None:
     """In a fresh process (CUDA must not be initialised before vLLM forks): greedy + perplexity through vLLM."""
     from vllm import LLM, SamplingParams
 
@@ -51,12 +59,12 @@ def vllm_child(ckpt: str, eval_text: str, out_json: str) -> None:
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
     res = {"startup_s": start_s, "backend": envs.VLLM_NM16_BACKEND,
            "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
-    ppl = perplexity_vllm(ckpt, eval_text, max_tokens=PPL_TOKENS, llm=llm)
+    ppl = perplexity_vllm(ckpt, eval_text, max_tokens=_ppl_tokens(ppl_tokens), llm=llm)
     res["perplexity"] = ppl
     Path(out_json).write_text(json.dumps(res, indent=2))
 
 
-def hf_reference(ckpt: Path, eval_text: Path) -> dict:
+def hf_reference(ckpt: Path, eval_text: Path, ppl_tokens: str) -> dict:
     import torch
 
     from offline.evaluate import load_hf_model, perplexity_hf
@@ -73,7 +81,7 @@ def hf_reference(ckpt: Path, eval_text: Path) -> dict:
         tokens.append(out[0, ids.shape[1]:].tolist())
     del model
     torch.cuda.empty_cache()
-    ppl = perplexity_hf(ckpt, eval_text, max_tokens=PPL_TOKENS, device="cuda")
+    ppl = perplexity_hf(ckpt, eval_text, max_tokens=_ppl_tokens(ppl_tokens), device="cuda")
     return {"tokens": tokens, "perplexity": ppl}
 
 
@@ -146,12 +154,18 @@ def main() -> int:
     ap.add_argument("--calib", type=Path)
     ap.add_argument("--eval", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help="an HF model folder (default: the default model, made from --gguf)")
+    ap.add_argument("--ckpt", type=Path, help="where the nm16 checkpoint goes (default /tmp/<model folder>-nm16)")
+    ap.add_argument("--ppl-tokens", default=str(PPL_TOKENS), help="first N tokens of --eval, or 'all'")
+    ap.add_argument("--report", default="smollm_gpu.json", help="file name of the report in --out")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--serve-only", type=Path, metavar="CKPT",
                     help="only the `vllm serve` check (Triton path) of another nm16 checkpoint, e.g. the 8B one")
     args = ap.parse_args()
-    if not args.serve_only and not (args.gguf and args.calib and args.eval):
-        ap.error("--gguf, --calib and --eval are required (unless --serve-only)")
+    if not args.serve_only and not ((args.gguf or args.model) and args.calib and args.eval):
+        ap.error("--gguf (or --model), --calib and --eval are required (unless --serve-only)")
+    if args.ppl_tokens != "all" and not args.ppl_tokens.isdigit():
+        ap.error(f"--ppl-tokens {args.ppl_tokens!r}: a positive number of tokens or 'all'")
     if args.child:
         vllm_child(*args.child)
         return 0
@@ -168,21 +182,23 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"steps": {}}
     t = time.perf_counter()
-    model = default_model_dir()
+    model = args.model or default_model_dir()
     if not (model / "config.json").is_file():
+        if not args.gguf:
+            ap.error(f"--model {model}: no config.json there (and no --gguf to make it from)")
         convert_gguf_to_hf(args.gguf, model)
     for src, dst in ((args.calib, default_calib_path()), (args.eval, default_eval_path())):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
     report["steps"]["convert_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    ckpt = Path("/tmp/smollm2-nm16")
+    ckpt = args.ckpt or Path("/tmp") / f"{model.name}-nm16"
     if not ckpt.exists():
         offline.compress(model, ckpt, device="cuda")
     report["steps"]["compress_s"] = time.perf_counter() - t
     report["quantization_config"] = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     if (ckpt / "nm16_report.json").is_file():
-        shutil.copy(ckpt / "nm16_report.json", args.out / "smollm2_nm16_report.json")
+        shutil.copy(ckpt / "nm16_report.json", args.out / f"{model.name}_nm16_report.json")
 
     runs = {}
     for backend in envs.SMOLLM_BACKENDS:
@@ -190,9 +206,9 @@ def main() -> int:
         env = dict(os.environ, VLLM_NM16_BACKEND=backend)
         t = time.perf_counter()
         with open(args.out / f"vllm_{backend}.log", "w") as lf:
-            rc = subprocess.run([sys.executable, __file__, "--gguf", str(args.gguf), "--calib", str(args.calib),
-                                 "--eval", str(args.eval), "--out", str(args.out), "--child", str(ckpt),
-                                 str(default_eval_path()), str(res_file)], env=env, stdout=lf,
+            rc = subprocess.run([sys.executable, __file__, "--calib", str(args.calib), "--eval", str(args.eval),
+                                 "--model", str(model), "--out", str(args.out), "--child", str(ckpt),
+                                 str(default_eval_path()), str(res_file), args.ppl_tokens], env=env, stdout=lf,
                                 stderr=subprocess.STDOUT).returncode
         report["steps"][f"vllm_{backend}_s"] = time.perf_counter() - t
         # vLLM sometimes aborts at interpreter exit after writing its results (rc -6, "terminate called without an
@@ -204,7 +220,7 @@ def main() -> int:
             continue
         runs[backend] = json.loads(res_file.read_text())
     t = time.perf_counter()
-    ref = hf_reference(ckpt, default_eval_path())
+    ref = hf_reference(ckpt, default_eval_path(), args.ppl_tokens)
     report["steps"]["hf_reference_s"] = time.perf_counter() - t
     report["hf_perplexity"] = ref["perplexity"]
     report["hf_tokens"] = ref["tokens"]
@@ -232,7 +248,8 @@ def main() -> int:
         report["serve_greedy_prefix_triton_vs_torch"] = [common_prefix(x["token_ids"] or [], y["token_ids"] or [])
                                                          for x, y in zip(a, b)]
         report["serve_text_equal_triton_vs_torch"] = [x["text"] == y["text"] for x, y in zip(a, b)]
-    (args.out / "smollm_gpu.json").write_text(json.dumps(report, indent=2, default=str))
+    report["model"], report["ppl_tokens"] = str(model), args.ppl_tokens
+    (args.out / args.report).write_text(json.dumps(report, indent=2, default=str))
     summary = {k: v for k, v in report.items() if not k.startswith("texts") and k != "quantization_config"}
     print(json.dumps(summary, indent=1, default=str)[-5000:])
     return 0
