@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 **({"device": args.device} if args.device != "cpu" else {}),
                 "scored_tokens": sum(len(w.ids) - max(w.score_from, 1) for w in windows)}
     data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
-    command = ("nice -n 5 .venv/bin/python" if args.device == "cpu" else "python3") + " benchmarks/ablation.py " + " ".join(
+    python = "nice -n 5 .venv/bin/python" if args.device == "cpu" else "python3"   # the GPU host has no venv
+    command = f"{python} benchmarks/ablation.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for row, recipe in recipes.items():
         commit = git_commit(args.commit)

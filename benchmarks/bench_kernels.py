@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import SHAPES, graph_us as _graph_us, graphs_us_interleaved  # benchmarks/common.py (the script folder is on sys.path)
+# benchmarks/common.py (the script folder is on sys.path)
+from common import SHAPES, graph_us as _graph_us, graphs_us_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the kernels' launch-shape rules (sass_per_kept) without an installed checkout

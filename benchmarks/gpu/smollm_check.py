@@ -164,7 +164,7 @@ def main() -> int:
     args = ap.parse_args()
     if not args.serve_only and not ((args.gguf or args.model) and args.calib and args.eval):
         ap.error("--gguf (or --model), --calib and --eval are required (unless --serve-only)")
-    if args.ppl_tokens != "all" and not args.ppl_tokens.isdigit():
+    if args.ppl_tokens != "all" and not (args.ppl_tokens.isdigit() and int(args.ppl_tokens) > 0):
         ap.error(f"--ppl-tokens {args.ppl_tokens!r}: a positive number of tokens or 'all'")
     if args.child:
         vllm_child(*args.child)
