@@ -218,7 +218,8 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
         want = {"BM": c["BM"], "outliers": row["outliers"] and not c["pre"]}
         found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]
                  and v["outliers"] == want["outliers"] and (not want["outliers"] or v["outliers_in_loop"] ==
-                                                             c["out_in_loop"])]
+                                                             c["out_in_loop"])
+                 and v.get("olanes", c["olanes"]) == c["olanes"]]
     elif row["kernel"] == "wgmma":
         from vllm_nm16.kernels.gluon_wgmma import pick_config
 

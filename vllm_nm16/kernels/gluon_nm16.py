@@ -35,14 +35,17 @@ def _lg(v: int) -> int:
 
 
 def outlier_lanes(BM: int) -> int:
-    """Lanes along the outlier slots of a chunk (the rest of the warp along rows). 4 for every BM: fewer (smaller
-    chunks, fewer registers at BM >= 16) measured slower on the H200 -- more chunks after the loop, each a dependent
-    pair of loads (gate_up M = 16: 141.6 vs 102.8 us)."""
+    """Lanes along the outlier slots of a chunk (the rest of the warp along rows; config key ``olanes``). 4 for every
+    BM: fewer (smaller chunks, fewer registers at BM >= 16) measured slower on the H200 -- more chunks after the loop,
+    each a dependent pair of loads (gate_up M = 16: 141.6 vs 102.8 us). (At BM = 16 with WK = 8, 2 lanes take the
+    kernel from 159 to 126 registers -- two CTAs per SM instead of one -- not measured yet.)"""
     return 4
 
 
-def make_layouts(WK: int, WN: int, BM: int):
-    """The distributed layouts: warps [WK along K, WN along N], 16 rows per WN-warp, BM tokens, 2 tiles per step."""
+def make_layouts(WK: int, WN: int, BM: int, olanes: int | None = None):
+    """The distributed layouts: warps [WK along K, WN along N], 16 rows per WN-warp, BM tokens, 2 tiles per step;
+    ``olanes`` lanes along the outlier slots (default :func:`outlier_lanes`)."""
+    olanes = olanes or outlier_lanes(BM)
     R = 16 * WN
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WK, WN, 1], instr_shape=[1, 16, 8])
     a_l = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -65,9 +68,9 @@ def make_layouts(WK: int, WN: int, BM: int):
     xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=lane5,
                                     warp_bases=[[0, 0, 0, 0, 0]] * _lg(WN) + warp_k, block_bases=[],
                                     shape=[WK, BM, 2, 4, 8])
-    # outliers [R rows, OC slots, BM tokens]: tokens in registers; OC = outlier_lanes(BM) * WK slots per chunk (fewer
-    # for larger BM: the gathered x and the accumulator hold 2 * OC * BM / (16 * WK) values per thread)
-    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[32 // outlier_lanes(BM), outlier_lanes(BM), 1],
+    # outliers [R rows, OC slots, BM tokens]: tokens in registers; OC = olanes * WK slots per chunk (the gathered x
+    # and the accumulator hold OC * BM / (2 * WK) values per thread)
+    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[32 // olanes, olanes, 1],
                           warps_per_cta=[WN, WK, 1], order=[2, 1, 0])
     return mma, a_l, b_l, vl, gl4, xl, ol
 
@@ -307,10 +310,10 @@ _LAYOUTS: dict = {}
 _TABLES: dict = {}
 
 
-def layouts(WK: int, WN: int, BM: int):
-    key = (WK, WN, BM)
+def layouts(WK: int, WN: int, BM: int, olanes: int):
+    key = (WK, WN, BM, olanes)
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = make_layouts(WK, WN, BM)
+        _LAYOUTS[key] = make_layouts(WK, WN, BM, olanes)
     return _LAYOUTS[key]
 
 
@@ -372,7 +375,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
             WK = _fill_warps(N // (16 * WN), WN, 8 // WN)
     fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
-    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False}
+    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM)}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -442,9 +445,10 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         return y
     cfg = pick_config(M, N, K)
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
-    BM, WN, WK = cfg["BM"], cfg["WN"], cfg["WK"]
-    if WK * WN > 32 or BM not in (8, 16, 32):
-        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK} (BM 8/16/32, at most 32 warps)")
+    BM, WN, WK, OL = cfg["BM"], cfg["WN"], cfg["WK"], cfg["olanes"]
+    if WK * WN > 32 or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8):
+        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL} (BM 8/16/32, at most 32 "
+                         "warps, olanes 1/2/4/8)")
     S = -(-K // fr.STEP_COLS)
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
                                 outliers_per_block, in_features)
@@ -462,6 +466,6 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
         has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
-        outlier_lanes(BM) * WK, scale is not None, shift is not None, bias is not None,
-        *layouts(WK, WN, BM), num_warps=WK * WN)
+        OL * WK, scale is not None, shift is not None, bias is not None,
+        *layouts(WK, WN, BM, OL), num_warps=WK * WN)
     return y
