@@ -388,3 +388,19 @@ def test_interleaved_timing_rotates_fairly(n, rounds):
     for pos in range(n):
         counts = [sum(o[pos] == i for o in full) for i in range(n)]
         assert len(set(counts)) <= 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "MISSING", "--ppl-tokens", "0"], "--ppl-tokens '0': a positive number of tokens or 'all'"),
+    (["--model", "MISSING"], "no config.json there (and no --gguf to make it from)"),
+    ([], "--gguf (or --model), --calib and --eval are required"),
+])
+def test_model_check_refuses_bad_arguments(tmp_path, extra, message):
+    """benchmarks/gpu/smollm_check.py (the GPU host's real-model check, now for any model folder) refuses bad
+    arguments before it compresses or starts anything."""
+    args = [a.replace("MISSING", str(tmp_path / "no-model")) for a in extra]
+    if extra:
+        args += ["--calib", str(tmp_path / "c.txt"), "--eval", str(tmp_path / "e.txt")]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "smollm_check.py"), "--out",
+                           str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
