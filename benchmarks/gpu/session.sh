@@ -26,9 +26,10 @@
 #   qpart NN  : copy .gpuq/NN/qwen_* to /tmp/qparts
 #   qprep     : join the slices into the GGUF (size + magic checked by offline.assets_large), dequantize it to a bf16
 #               HF folder /tmp/nm16cache/models/qwen2.5-coder-1.5b
-#   qrow ROW  : one benchmarks/ablation.py row (dense | default | "default pattern=2:4" | "default
-#               pattern=unstructured") on the full sotu-eval, compressed and evaluated on the GPU; rows accumulate in
-#               /tmp/quality_qwen1.5b.json, copied to $OUT each call (NM16_COMMIT: the commit the tree came from)
+#   qrow COMMIT ROW : one benchmarks/ablation.py row (dense | default | "default pattern=2:4" | "default
+#               pattern=unstructured") on the full sotu-eval, compressed and evaluated on the GPU, recorded as run on
+#               COMMIT (the commit the tree was copied from); rows accumulate in /tmp/quality_qwen1.5b.json, copied
+#               to $OUT each call
 #   qvllm     : the default 8:16 checkpoint through vLLM: perplexity on the full sotu-eval vs transformers on the same
 #               checkpoint, greedy prompts, `vllm serve` answering chat (smollm_check.py --model) -> $OUT/qwen/
 #
@@ -158,9 +159,9 @@ qprep)
 qrow)
   use_site
   [ -f /tmp/quality_qwen1.5b.json ] || cp benchmarks/results/quality_qwen1.5b.json /tmp/ 2>/dev/null || true
-  python3 benchmarks/ablation.py "$1" --model /tmp/nm16cache/models/qwen2.5-coder-1.5b \
+  python3 benchmarks/ablation.py "$2" --model /tmp/nm16cache/models/qwen2.5-coder-1.5b \
     --calib /tmp/gpudata/sotu-calib-part.txt --text /tmp/gpudata/sotu-eval.txt --eval-tokens all --device cuda \
-    --commit "${NM16_COMMIT:?set NM16_COMMIT to the commit the tree was copied from}" --quiet \
+    --commit "$1" --quiet \
     --out /tmp/quality_qwen1.5b.json
   cp /tmp/quality_qwen1.5b.json "$OUT/" ;;
 qvllm)
