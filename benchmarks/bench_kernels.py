@@ -139,16 +139,20 @@ def measure(args) -> dict:
         kname_bare = kernel_name(N, K, M, None)
         triton_us = None
         fulls = [full] + [tuple(t.clone() for t in full) for _ in range(copies_for(N * K * 1.125) - 1)]
-        for with_out in (True, False):
+
+        def calls(config, with_out):
+            """One nm16_linear call per weight copy: with outliers + scale, or bare 8:16; ``config`` None is the
+            plugin's own choice."""
             if with_out:
-                fns = [lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
-                                               outliers_per_block=k, in_features=K, out_features=N) for f in fulls]
-            else:
-                fns = [lambda f=f: nm16_linear(x, f[0], f[1], None, None, None, None, None, n=8, m=16,
-                                               outlier_block=None, outliers_per_block=0, in_features=K,
-                                               out_features=N) for f in fulls]
+                return [lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
+                                                outliers_per_block=k, in_features=K, out_features=N,
+                                                config=config) for f in fulls]
+            return [lambda f=f: nm16_linear(x, f[0], f[1], None, None, None, None, None, n=8, m=16,
+                                            outlier_block=None, outliers_per_block=0, in_features=K,
+                                            out_features=N, config=config) for f in fulls]
+        for with_out in (True, False):
             try:
-                us = graph_us(fns)
+                us = graph_us(calls(None, with_out))
             except Exception as e:  # noqa: BLE001  (record and go on: one bad config must not lose the run)
                 print(f"FAILED {name} M={M} outliers={with_out} {cfg}: {type(e).__name__}: {str(e)[:300]}")
                 us = float("nan")
@@ -169,14 +173,6 @@ def measure(args) -> dict:
         if variants:
             # Each variant with and without outliers, timed interleaved with the product's own choice (same
             # rounds, rotating order): a variant measured after main in a separate pass ran ~3% slow on the H200.
-            def calls(config, with_out):
-                if with_out:
-                    return [lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
-                                                    outliers_per_block=k, in_features=K, out_features=N,
-                                                    config=config) for f in fulls]
-                return [lambda f=f: nm16_linear(x, f[0], f[1], None, None, None, None, None, n=8, m=16,
-                                                outlier_block=None, outliers_per_block=0, in_features=K,
-                                                out_features=N, config=config) for f in fulls]
             configs = [None] + [{"kernel": "gluon", **vc} for vc in variants]
             us = graphs_us_interleaved([calls(c, w) for c in configs for w in (True, False)], args.graph_us)
             rows[-2]["variant_baseline"] = {"nm16_us": us[0], "bare_us": us[1]}
@@ -186,9 +182,7 @@ def measure(args) -> dict:
                 print(f"   variant {vc}: {v_us:.1f} us ({v_us / us[0]:.3f} of main's {us[0]:.1f}), bare "
                       f"{b_us:.1f} us ({b_us / us[1]:.3f} of {us[1]:.1f})", flush=True)
         if kname in ("gluon", "wgmma"):  # the previous (Triton/scratch) kernel on the same call: "not slower than main"
-            triton_us = graph_us([lambda f=f: nm16_linear(x, *f, sc, None, None, n=8, m=16, outlier_block=B,
-                                                          outliers_per_block=k, in_features=K, out_features=N,
-                                                          config=cfg) for f in fulls])
+            triton_us = graph_us(calls(cfg, True))
             rows[-2]["triton_us"] = triton_us
             rows[-2]["speedup_vs_triton"] = triton_us / rows[-2]["nm16_us"]
         del fulls
