@@ -123,6 +123,21 @@ def run_row(row: str, recipe: dict | None, model_dir: Path, tok, windows, args) 
     return out
 
 
+def merge_runs(files: list[Path], out: Path) -> int:
+    """Add the runs of ``files`` (each written by this script) to ``out``, skipping runs it already holds."""
+    data = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    added = 0
+    for f in files:
+        for run in json.loads(f.read_text())["runs"]:
+            if run not in data["runs"]:
+                data["runs"].append(run)
+                added += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, json.dumps(data, indent=2) + "\n")
+    print(f"{out}: {added} runs added, {len(data['runs'])} in all")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from offline.assets import default_calib_train_path, default_model_dir, default_valid_path
 
@@ -141,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_ablation.json")
     ap.add_argument("--again", action="store_true", help="rerun rows already recorded with the same settings")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                    help="only add the runs recorded in these files (rows run in parallel) to --out, and stop")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_runs(args.merge, args.out)
     max_tokens = None if args.eval_tokens == "all" else int(args.eval_tokens)
     try:
         recipes = {row: row_recipe(row) for row in args.rows}

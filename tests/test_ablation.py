@@ -37,3 +37,16 @@ def test_rows_are_one_change_from_the_default():
 def test_bad_rows_are_refused(row):
     with pytest.raises(ValueError):
         ablation.row_recipe(row)
+
+
+def test_merge_adds_each_run_once(tmp_path):
+    import json
+
+    run = lambda row, ppl: {"row": row, "perplexity": ppl, "settings": {"text": "t"}, "commit": "abc"}  # noqa: E731
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "sub" / "out.json"
+    a.write_text(json.dumps({"runs": [run("dense", 10.0)]}))
+    b.write_text(json.dumps({"runs": [run("default", 14.0), run("dense", 10.0)]}))
+    assert ablation.main(["--merge", str(a), str(b), "--out", str(out)]) == 0
+    assert [r["row"] for r in json.loads(out.read_text())["runs"]] == ["dense", "default"]
+    assert ablation.main(["--merge", str(b), "--out", str(out)]) == 0   # again: nothing new
+    assert len(json.loads(out.read_text())["runs"]) == 2

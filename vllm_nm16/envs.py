@@ -90,6 +90,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("SMOLLM_SERVE_DTYPE", "bfloat16", str,
            "`--dtype` of those `vllm serve` runs",
            "`benchmarks/gpu/smollm_check.py`"),
+    EnvVar("SMOLLM_KV_CACHE_BYTES", "0", int,
+           "KV-cache bytes of those `LLM()` / `vllm serve` engines (`kv_cache_memory_bytes`: skips vLLM's start-up "
+           "memory profiling, which fails while another process frees GPU memory); 0 = vLLM profiles",
+           "`benchmarks/gpu/smollm_check.py`"),
 )
 
 _BY_NAME: dict[str, EnvVar] = {v.name: v for v in ENV_VARS}
@@ -110,6 +114,7 @@ if TYPE_CHECKING:  # attribute types for type checkers; at run time every read g
     SMOLLM_BACKENDS: list[str]
     SMOLLM_SERVE: list[str]
     SMOLLM_SERVE_DTYPE: str
+    SMOLLM_KV_CACHE_BYTES: int
 
 
 def __getattr__(name: str) -> Any:

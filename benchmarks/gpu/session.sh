@@ -7,6 +7,7 @@
 #   install SHA256 : unpack .gpudata/data.tar.gz (calibration/eval text, tokenizer) to /tmp/gpudata, reassemble the
 #               chunks, install vLLM 0.26.0 + gguf + this project into /tmp/site
 #   kcheck    : GPU kernel tests + the kernel benchmark (bench_kernels.py, all shapes and M)
+#   ktests [EXTRA...] : GPU kernel tests + gluon_check (mma_v2, wgmma, and with each EXTRA launch-config JSON)
 #   smollm    : benchmarks/gpu/smollm_check.py (default model: compress on the GPU, greedy + perplexity vLLM-GPU vs
 #               the PyTorch path and transformers, `vllm serve` with CUDA graphs + torch.compile answering chat)
 #   make8b    : random Llama-3-8B-shaped bf16 checkpoint + its data-free nm16 packing (benchmarks/pack_random_nm16.py)
@@ -19,6 +20,24 @@
 #               models in this one call -> $OUT/e2e_dense.json, $OUT/e2e_nm16.json, merged $OUT/e2e_h200.json
 #
 #   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5) -> $OUT/fuzz_h200.json + .log
+#   load8b    : benchmarks/load_test.py (issue 14 item 2) against `vllm serve` of a config-only Llama-3-8B-shaped nm16
+#               folder (--load-format dummy: valid random 8:16 layers + outliers 4/256 + scale; synthetic byte-level
+#               tokenizer), 1,000 requests at concurrency 128, bf16 -> $OUT/load_h200.json (+ server log)
+#
+# The three-part wheelhouse of ../shared/gpu-vllm/build.sh instead of the four chunks (session 9 on):
+#   parts N   : copy .gpuN/* (part_aa / part_ab / part_ac + SHA256SUMS + install.sh) to /tmp/parts
+#   install3  : install vLLM 0.26 from /tmp/parts, the gguf wheel and texts carried in .gpudata (gguf-*.whl,
+#               data.tar.gz: sotu-calib-part.txt, sotu-eval.txt -> /tmp/gpudata) and this project into /tmp/site
+#
+# Background steps (a new process session outlives the device call while the host stays warm, so GPU work overlaps
+# the seconds-long carry calls; each runs from its own copy of the tree, which later calls replace):
+#   bg NAME STEP [ARGS] : run STEP in the background; its $OUT is /tmp/bg/NAME, its log /tmp/bg/NAME.log, its exit
+#               code /tmp/bg/NAME.rc when done
+#   bgstat    : state + log tail of every background step; /tmp/bg comes back as $OUT/bg
+#   bgwait SECONDS NAME... : wait (at most SECONDS) for the named background steps to finish, then bgstat
+# vLLM's start-up memory profiling fails when another process frees GPU memory meanwhile ("Error in memory
+# profiling"), so engines started while other GPU work runs get a fixed KV-cache size (SMOLLM_KV_CACHE_BYTES,
+# load_test --server-args --kv-cache-memory-bytes), which skips that profiling.
 #
 # Qwen2.5-Coder-1.5B-Instruct (issue 13 item 5), after `install` (vLLM + gguf + /tmp/gpudata); its 1.1 GB GGUF rides
 # in ~53 MB slices, one ignored folder each (.gpuq/NN/qwen_NN, cut on the CPU machine from `make assets-large`'s
@@ -28,8 +47,11 @@
 #               HF folder /tmp/nm16cache/models/qwen2.5-coder-1.5b
 #   qrow COMMIT ROW : one benchmarks/ablation.py row (dense | default | "default pattern=2:4" | "default
 #               pattern=unstructured") on the full sotu-eval, compressed and evaluated on the GPU, recorded as run on
-#               COMMIT (the commit the tree was copied from); rows accumulate in /tmp/quality_qwen1.5b.json, copied
-#               to $OUT each call
+#               COMMIT (the commit the tree was copied from), into its own file /tmp/qrows/ROW.json (rows run in
+#               parallel as background steps)
+#   qmerge    : the rows of /tmp/qrows merged into $OUT/quality_qwen1.5b.json (ablation.py --merge)
+#   qckpt     : the default 8:16 checkpoint of the model (nm16-compress --device cuda) at the path qvllm uses, so
+#               qvllm does not compress it again
 #   qvllm     : the default 8:16 checkpoint through vLLM: perplexity on the full sotu-eval vs transformers on the same
 #               checkpoint, greedy prompts, `vllm serve` answering chat (smollm_check.py --model) -> $OUT/qwen/
 #
@@ -69,6 +91,61 @@ dummy70=(--load-format dummy --skip-tokenizer-init --iters 2 --warmup 1 --output
 
 step=$1; shift
 case "$step" in
+parts)
+  mkdir -p /tmp/parts && cp ".gpu$1"/* /tmp/parts/ && ls /tmp/parts ;;
+install3)
+  mkdir -p /tmp/gpudata && tar xzf .gpudata/data.tar.gz -C /tmp/gpudata && ls /tmp/gpudata
+  bash /tmp/parts/install.sh /tmp/parts $site
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $site .gpudata/gguf-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $site "$ROOT"
+  use_site
+  python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, vllm, transformers, gguf; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+  ;;
+bg)
+  name=$1; shift
+  mkdir -p "/tmp/bg/$name" "/tmp/bgtree/$name"
+  rm -f "/tmp/bg/$name.rc"
+  tar cf - --exclude='./.gpu*' . | tar xf - -C "/tmp/bgtree/$name"
+  OUT="/tmp/bg/$name" setsid nohup bash -c 'bash "$0/benchmarks/gpu/session.sh" "$@"; echo $? > "$OUT.rc"' \
+    "/tmp/bgtree/$name" "$@" > "/tmp/bg/$name.log" 2>&1 < /dev/null &
+  echo "started $name: $*" ;;
+bgstat)
+  for log in /tmp/bg/*.log; do
+    n=$(basename "$log" .log)
+    if [ -f "/tmp/bg/$n.rc" ]; then echo "== $n: done, rc $(cat "/tmp/bg/$n.rc")"; else echo "== $n: running"; fi
+    tail -c 600 "$log" | tr '\r' '\n' | tail -n 3
+  done
+  mkdir -p "$OUT/bg" && cp -r /tmp/bg/. "$OUT/bg/" ;;
+bgwait)
+  limit=$1; shift
+  t0=$(date +%s)
+  for n in "$@"; do
+    while [ ! -f "/tmp/bg/$n.rc" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 5; done
+  done
+  bash "$ROOT/benchmarks/gpu/session.sh" bgstat ;;
+qmerge)
+  use_site
+  python3 benchmarks/ablation.py --merge /tmp/qrows/*.json --out "$OUT/quality_qwen1.5b.json" ;;
+qckpt)
+  use_site
+  [ -f /tmp/qwen2.5-coder-1.5b-nm16/config.json ] || NM16_CACHE=/tmp/nm16cache nm16-compress \
+    /tmp/nm16cache/models/qwen2.5-coder-1.5b /tmp/qwen2.5-coder-1.5b-nm16 --device cuda \
+    --calib /tmp/gpudata/sotu-calib-part.txt
+  ls -la /tmp/qwen2.5-coder-1.5b-nm16 ;;
+load8b)
+  use_site
+  t0=$(date +%s)
+  [ -f /tmp/llama8b-tok-cfg/config.json ] || python3 benchmarks/make_random_llama.py /tmp/llama8b-tok-cfg \
+    --preset llama3-8b --config-only --synthetic-tokenizer
+  [ -f /tmp/llama8b-tok-nm16-cfg/config.json ] || python3 benchmarks/pack_random_nm16.py /tmp/llama8b-tok-cfg \
+    /tmp/llama8b-tok-nm16-cfg --config-only --outliers "${NM16_OUTLIERS:-4/256}"
+  python3 benchmarks/load_test.py --model /tmp/llama8b-tok-nm16-cfg --requests 1000 --concurrency 128 \
+    --dtype bfloat16 --text /tmp/gpudata/sotu-eval.txt --time-limit 420 \
+    --server-args="--load-format dummy --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 17179869184" \
+    --out "$OUT/load_h200.json" --log "$OUT/load_h200_server.log"
+  echo "load8b took $(( $(date +%s) - t0 )) s" ;;
 chunk)
   mkdir -p /tmp/chunks && cp ".gpu$1"/chunk_* /tmp/chunks/ && ls -la /tmp/chunks ;;
 install)
@@ -85,6 +162,19 @@ install)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton, vllm, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
   ;;
+ktests)
+  # kernels only (no vLLM): the GPU kernel tests, gluon_check of the mma_v2 and wgmma kernels and of the launch
+  # variant(s) given as JSON arguments (each `gluon_check.py --extra`); logs -> $OUT
+  export PYTHONPATH=$ROOT
+  python3 -m pytest -q tests/test_kernels.py -k gpu -p no:cacheprovider --durations=5 > "$OUT/pytest_gpu_h200.log" 2>&1 \
+    || true
+  python3 benchmarks/gpu/gluon_check.py > "$OUT/gluon_check_h200.log" 2>&1 || true
+  python3 benchmarks/gpu/gluon_check.py --kernel wgmma > "$OUT/wgmma_check.log" 2>&1 || true
+  for extra in "$@"; do
+    echo "# --extra $extra" >> "$OUT/variant_checks.log"
+    python3 benchmarks/gpu/gluon_check.py --extra "$extra" >> "$OUT/variant_checks.log" 2>&1 || true
+  done
+  tail -n 2 "$OUT"/*.log ;;
 kcheck)
   use_site
   python3 -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/kernels_gpu_tests.log"
@@ -158,12 +248,12 @@ qprep)
   python3 -m offline.assets_large --root /tmp/nm16cache ;;
 qrow)
   use_site
-  [ -f /tmp/quality_qwen1.5b.json ] || cp benchmarks/results/quality_qwen1.5b.json /tmp/ 2>/dev/null || true
+  mkdir -p /tmp/qrows
+  row_file="/tmp/qrows/$(echo "$2" | tr -c 'a-zA-Z0-9\n' '_').json"
   python3 benchmarks/ablation.py "$2" --model /tmp/nm16cache/models/qwen2.5-coder-1.5b \
     --calib /tmp/gpudata/sotu-calib-part.txt --text /tmp/gpudata/sotu-eval.txt --eval-tokens all --device cuda \
-    --commit "$1" --quiet \
-    --out /tmp/quality_qwen1.5b.json
-  cp /tmp/quality_qwen1.5b.json "$OUT/" ;;
+    --commit "$1" --quiet --out "$row_file"
+  cp "$row_file" "$OUT/" ;;
 qvllm)
   use_site
   SMOLLM_SERVE=triton NM16_CACHE=/tmp/nm16cache python3 benchmarks/gpu/smollm_check.py \

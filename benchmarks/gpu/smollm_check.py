@@ -54,7 +54,8 @@ def vllm_child(ckpt: str, eval_text: str, out_json: str, ppl_tokens: str) -> Non
     from offline.eval_vllm import perplexity_vllm
 
     t0 = time.perf_counter()
-    llm = LLM(model=ckpt, quantization="nm16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
+    kv = {"kv_cache_memory_bytes": envs.SMOLLM_KV_CACHE_BYTES} if envs.SMOLLM_KV_CACHE_BYTES else {}
+    llm = LLM(model=ckpt, quantization="nm16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0, **kv)
     start_s = time.perf_counter() - t0
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
     res = {"startup_s": start_s, "backend": envs.VLLM_NM16_BACKEND,
@@ -106,6 +107,8 @@ def serve_check(ckpt: Path, log: Path, backend: str) -> dict:
     cmd = ["vllm", "serve", str(ckpt), "--quantization", "nm16", "--host", "127.0.0.1", "--port", str(port),
            "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
            "--dtype", envs.SMOLLM_SERVE_DTYPE]
+    if envs.SMOLLM_KV_CACHE_BYTES:
+        cmd += ["--kv-cache-memory-bytes", str(envs.SMOLLM_KV_CACHE_BYTES)]
     t0 = time.perf_counter()
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
