@@ -130,7 +130,9 @@ qmerge)
   python3 benchmarks/ablation.py --merge /tmp/qrows/*.json --out "$OUT/quality_qwen1.5b.json" ;;
 qckpt)
   use_site
-  [ -f /tmp/qwen2.5-coder-1.5b-nm16/config.json ] || NM16_CACHE=/tmp/nm16cache nm16-compress \
+  # (pip --target leaves an existing bin/ alone, so the console script may be missing: call its function)
+  [ -f /tmp/qwen2.5-coder-1.5b-nm16/config.json ] || NM16_CACHE=/tmp/nm16cache python3 -c \
+    "import sys; from offline.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))" \
     /tmp/nm16cache/models/qwen2.5-coder-1.5b /tmp/qwen2.5-coder-1.5b-nm16 --device cuda \
     --calib /tmp/gpudata/sotu-calib-part.txt
   ls -la /tmp/qwen2.5-coder-1.5b-nm16 ;;

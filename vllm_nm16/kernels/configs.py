@@ -71,11 +71,18 @@ def heuristic_config(N: int, K: int, M: int) -> dict:
     return {"kernel": "dot", "BM": 256, "BN": 64, "BG": 4, "num_warps": 4, "num_stages": 3, "GROUP_M": 8}
 
 
+def scratch_fits(m: int, outlier_block: int | None) -> bool:
+    """Whether the scratch path can tile the layer: its tiles are a power of two of >= 16 columns (and >= one group)
+    lying inside one outlier block, so the largest power of two dividing the block must reach that (found by the GPU
+    fuzz: 2:4 with outlier blocks of 4 or 68 columns; such layers take the dot kernel, which handles any block)."""
+    return not outlier_block or (outlier_block & -outlier_block) >= max(16, m)
+
+
 def pick_config(N: int, K: int, M: int, *, n: int = 8, m: int = 16, outlier_block: int | None = None) -> dict:
     """The tuned config for (N, K, bucket of M) if the table has one, else the heuristic; adjusted so that it is
     legal for this N:M pattern (tl.dot needs K steps of >= 16 columns inside one outlier block)."""
     scratch_min_m = envs.NM16_SCRATCH_MIN_M
-    if scratch_min_m and M >= scratch_min_m:
+    if scratch_min_m and M >= scratch_min_m and scratch_fits(m, outlier_block):
         return {"kernel": "scratch"}
     bucket = m_bucket(M)
     cfg = dict(_table().get(table_key(N, K, bucket)) or heuristic_config(N, K, M))

@@ -375,6 +375,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
             WK = _fill_warps(N // (16 * WN), WN, 8 // WN)
     fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
+    WK = 1 << (WK.bit_length() - 1)  # a power of two: the CTA's warp count must be one (K // 1024 may be 3, 5, ...)
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM)}
 
 
@@ -446,9 +447,9 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
     cfg = pick_config(M, N, K)
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK, OL = cfg["BM"], cfg["WN"], cfg["WK"], cfg["olanes"]
-    if WK * WN > 32 or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8):
-        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL} (BM 8/16/32, at most 32 "
-                         "warps, olanes 1/2/4/8)")
+    if WK * WN > 32 or (WK * WN) & (WK * WN - 1) or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8):
+        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL} (BM 8/16/32, WN * WK "
+                         "warps a power of two up to 32, olanes 1/2/4/8)")
     S = -(-K // fr.STEP_COLS)
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
                                 outliers_per_block, in_features)
