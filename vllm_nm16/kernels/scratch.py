@@ -73,15 +73,24 @@ def _unpack_kernel(wv_ptr, wm_ptr, lut_ptr, scale_ptr, ov_ptr, oi_ptr, w_ptr, N,
         KO = (K // OB) * OK
         local_base = blk * OB - c0
         tile = dense.to(tl.float32)
-        for t in tl.static_range(OK):
-            o_off = r64 * KO + blk * OK + t
-            ov = tl.load(ov_ptr + o_off).to(tl.float32)
-            col = local_base + (tl.load(oi_ptr + o_off).to(tl.int32) & 0xFFFF)
-            tile = tl.where(col[:, None] == k[None, :], tile + ov[:, None], tile)
+        if OK <= 16:  # the usual budgets (4/256, 3/192): unrolled
+            for t in tl.static_range(OK):
+                tile = _add_outlier(tile, ov_ptr, oi_ptr, r64 * KO + blk * OK + t, local_base, k)
+        else:  # a loop: unrolling thousands of slots (the format allows k < B) made the compile time out
+            for t in range(OK):
+                tile = _add_outlier(tile, ov_ptr, oi_ptr, r64 * KO + blk * OK + t, local_base, k)
         dense = tile.to(w_ptr.dtype.element_ty)
     cols = c0 + k
     tl.store(w_ptr + r.to(tl.int64)[:, None] * K + cols[None, :], dense,
              mask=(r < N)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _add_outlier(tile, ov_ptr, oi_ptr, o_off, local_base, k):
+    """One outlier slot of each row of ``tile``, added where its column falls inside the tile."""
+    ov = tl.load(ov_ptr + o_off).to(tl.float32)
+    col = local_base + (tl.load(oi_ptr + o_off).to(tl.int32) & 0xFFFF)
+    return tl.where(col[:, None] == k[None, :], tile + ov[:, None], tile)
 
 
 def _tile_groups(m: int, outlier_block: int | None, has_out: bool, want_cols: int) -> int:
