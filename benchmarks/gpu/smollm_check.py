@@ -49,19 +49,22 @@ def _ppl_tokens(text: str) -> int | None:
 
 def vllm_child(ckpt: str, eval_text: str, out_json: str, ppl_tokens: str) -> None:
     """In a fresh process (CUDA must not be initialised before vLLM forks): greedy + perplexity through vLLM."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from offline.eval_vllm import perplexity_vllm
+    from vllm_nm16.engine import open_llm
 
     t0 = time.perf_counter()
     kv = {"kv_cache_memory_bytes": envs.SMOLLM_KV_CACHE_BYTES} if envs.SMOLLM_KV_CACHE_BYTES else {}
-    llm = LLM(model=ckpt, quantization="nm16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0, **kv)
-    start_s = time.perf_counter() - t0
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
-    res = {"startup_s": start_s, "backend": envs.VLLM_NM16_BACKEND,
-           "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
-    ppl = perplexity_vllm(ckpt, eval_text, max_tokens=_ppl_tokens(ppl_tokens), llm=llm)
-    res["perplexity"] = ppl
+    # open_llm: the engine is shut down in order before exit (the H200 run of session 9, without it: rc -6 after
+    # the results were written -- the abort of issue 14, vllm_nm16/engine.py)
+    with open_llm(model=ckpt, quantization="nm16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0,
+                  **kv) as llm:
+        start_s = time.perf_counter() - t0
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
+        res = {"startup_s": start_s, "backend": envs.VLLM_NM16_BACKEND,
+               "tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs]}
+        res["perplexity"] = perplexity_vllm(ckpt, eval_text, max_tokens=_ppl_tokens(ppl_tokens), llm=llm)
     Path(out_json).write_text(json.dumps(res, indent=2))
 
 
