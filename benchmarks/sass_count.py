@@ -81,7 +81,7 @@ def _loop(sass: str) -> list[str]:
     return best
 
 
-def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096) -> dict:
+def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnreg=None) -> dict:
     from triton.experimental.gluon import language as gl
 
     olanes = olanes or g.outlier_lanes(BM)
@@ -96,7 +96,7 @@ def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096) -> di
     sig, cex, attrs = _signature(g.nm16_fragment_kernel, args)
     return _sass_stats(g.nm16_fragment_kernel, sig, cex, attrs, WK * WN, KEPT_PER_TRIP,
                        {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out,
-                        "pre": pre, "olanes": olanes})
+                        "pre": pre, "olanes": olanes, **({"maxnreg": maxnreg} if maxnreg else {})}, maxnreg)
 
 
 def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096) -> dict:
@@ -129,13 +129,13 @@ def _signature(kernel, args):
     return sig, cex, attrs
 
 
-def _sass_stats(kernel, sig, cex, attrs, num_warps, kept_per_trip, info) -> dict:
+def _sass_stats(kernel, sig, cex, attrs, num_warps, kept_per_trip, info, maxnreg=None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     k = triton.compile(GluonASTSource(kernel, sig, cex, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+                       options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
     tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -144,8 +144,10 @@ def _sass_stats(kernel, sig, cex, attrs, num_warps, kept_per_trip, info) -> dict
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     loop = _loop(sass)
     mix = collections.Counter(o.split(".")[0] for o in loop)
+    spills = sum(1 for ln in sass.splitlines() if re.search(r"\b(STL|LDL)\b", ln))
     return {**info, "loop_instructions": len(loop), "sass_per_kept": round(len(loop) / kept_per_trip, 2),
-            "registers": int(re.search(r"REG:(\d+)", res).group(1)), "mix": dict(mix.most_common(12))}
+            "registers": int(re.search(r"REG:(\d+)", res).group(1)), "mix": dict(mix.most_common(12)),
+            "local_memory_instructions": spills, "loop_local_memory": mix.get("STL", 0) + mix.get("LDL", 0)}
 
 
 def main() -> None:

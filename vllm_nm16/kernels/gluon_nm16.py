@@ -376,7 +376,8 @@ def pick_config(M: int, N: int, K: int) -> dict:
     fits = [wk for wk in (8, 4, 2, 1) if wk <= WK and steps % wk == 0 and steps >= 2 * wk]
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
     WK = 1 << (WK.bit_length() - 1)  # a power of two: the CTA's warp count must be one (K // 1024 may be 3, 5, ...)
-    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM)}
+    return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM),
+            "maxnreg": None}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -447,9 +448,11 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
     cfg = pick_config(M, N, K)
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK, OL = cfg["BM"], cfg["WN"], cfg["WK"], cfg["olanes"]
-    if WK * WN > 32 or (WK * WN) & (WK * WN - 1) or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8):
-        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL} (BM 8/16/32, WN * WK "
-                         "warps a power of two up to 32, olanes 1/2/4/8)")
+    maxnreg = cfg["maxnreg"]
+    if (WK * WN > 32 or (WK * WN) & (WK * WN - 1) or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8)
+            or not (maxnreg is None or 32 <= maxnreg <= 255)):
+        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL}, maxnreg={maxnreg} (BM "
+                         "8/16/32, WN * WK warps a power of two up to 32, olanes 1/2/4/8, maxnreg None or 32-255)")
     S = -(-K // fr.STEP_COLS)
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
                                 outliers_per_block, in_features)
@@ -468,5 +471,7 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
         OL * WK, scale is not None, shift is not None, bias is not None,
-        *layouts(WK, WN, BM, OL), num_warps=WK * WN)
+        *layouts(WK, WN, BM, OL), num_warps=WK * WN,
+        # a register cap per thread (ptxas spills past it): None = the compiler's choice; a variant under test
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     return y
