@@ -49,7 +49,8 @@ def main():
     for cfg in ({"WK": 2}, {"WK": 16, "WN": 1}, {"WK": 4, "WN": 2}, {"out_in_loop": True, "BM": 16},
                 {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8},
                 {"pre": True}, {"pre": True, "BM": 16, "out_in_loop": True}, {"olanes": 2, "BM": 16, "WK": 8},
-                {"olanes": 1}, {"olanes": 8, "BM": 32, "WN": 2, "WK": 4}):
+                {"olanes": 1}, {"olanes": 8, "BM": 32, "WN": 2, "WK": 4}, {"maxnreg": 96}, {"pf": 4},
+                {"pf": 64, "BM": 16, "WK": 4}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
     if args.kernel == "wgmma":  # the wgmma kernel: every M class it serves, configs, tails, both dtypes

@@ -38,7 +38,8 @@ def outlier_lanes(BM: int) -> int:
     """Lanes along the outlier slots of a chunk (the rest of the warp along rows; config key ``olanes``). 4 for every
     BM: fewer (smaller chunks, fewer registers at BM >= 16) measured slower on the H200 -- more chunks after the loop,
     each a dependent pair of loads (gate_up M = 16: 141.6 vs 102.8 us). (At BM = 16 with WK = 8, 2 lanes take the
-    kernel from 159 to 126 registers -- two CTAs per SM instead of one -- not measured yet.)"""
+    kernel from 159 to 126 registers -- two CTAs per SM instead of one -- and measured 1.05-1.21x slower at M = 16,
+    raw/h200/olanes_variants.json.)"""
     return 4
 
 
@@ -111,6 +112,15 @@ def _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x,
     else:
         xx = gl.load(xw_ptr + (x_off + i * (64 * WK)), mask=x_row_ok & ((col_x + c0) < K), other=0)
     return v, mk, xx
+
+
+@gluon.jit
+def _l2_prefetch(wv_ptr, pf_off, step, WK: gl.constexpr):
+    """Ask L2 for this warp's kept values of its K step ``step`` (each lane one 128-byte line of rows g and g + 8:
+    two prefetch instructions per lane, no registers held): a hint, it changes no result."""
+    ptrs = wv_ptr + (pf_off + step * (32 * WK))
+    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
+                              is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -200,8 +210,9 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
                          HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, HAS_PRE: gl.constexpr, OB: gl.constexpr,
                          OK: gl.constexpr, OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
-                         vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
+                         HAS_BIAS: gl.constexpr, PF: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr,
+                         b_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr,
+                         ol: gl.constexpr):
     R: gl.constexpr = 16 * WN
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
@@ -221,6 +232,8 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
     t_m = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, ml)))[None, None, :]
     m_off = row_m * (K // 32) + w_m * 4 + t_m
     col_m = w_m * 128 + t_m * 32 + row_m * 0
+    # L2 prefetch PF steps ahead (PF > 0): the step's 128-byte line of values of rows g and g + 8
+    pf_off = row_m * (K // 4) + w_m * 32 + t_m * 8
     # x as int32 words: token m * XS/2 + step * 64 + group * 8 + word
     m_x = m0 + _ar(BM, 1, xl)
     w_x = _ar(WK, 0, xl)
@@ -252,6 +265,9 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
     va, ma, xa = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok, 0, K,
                             WK, EVEN_K, EVEN_X)
     for i in range(0, n_iter - 1, 2):
+        if PF > 0:  # (clamped to the last step: no address past the tensor's end)
+            _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + PF, n_iter - 1), WK)
+            _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + 1 + PF, n_iter - 1), WK)
         vb, mb, xb = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok, i + 1,
                                 K, WK, EVEN_K, EVEN_X)
         if HAS_OUT:
@@ -377,7 +393,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
     WK = 1 << (WK.bit_length() - 1)  # a power of two: the CTA's warp count must be one (K // 1024 may be 3, 5, ...)
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM),
-            "maxnreg": None}
+            "maxnreg": None, "pf": 0}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -450,9 +466,10 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
     BM, WN, WK, OL = cfg["BM"], cfg["WN"], cfg["WK"], cfg["olanes"]
     maxnreg = cfg["maxnreg"]
     if (WK * WN > 32 or (WK * WN) & (WK * WN - 1) or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8)
-            or not (maxnreg is None or 32 <= maxnreg <= 255)):
-        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL}, maxnreg={maxnreg} (BM "
-                         "8/16/32, WN * WK warps a power of two up to 32, olanes 1/2/4/8, maxnreg None or 32-255)")
+            or not (maxnreg is None or 32 <= maxnreg <= 255) or not 0 <= int(cfg["pf"]) <= 64):
+        raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL}, maxnreg={maxnreg}, "
+                         f"pf={cfg['pf']} (BM 8/16/32, WN * WK warps a power of two up to 32, olanes 1/2/4/8, "
+                         "maxnreg None or 32-255, pf 0-64)")
     S = -(-K // fr.STEP_COLS)
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
                                 outliers_per_block, in_features)
@@ -470,7 +487,7 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
         has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
-        OL * WK, scale is not None, shift is not None, bias is not None,
+        OL * WK, scale is not None, shift is not None, bias is not None, int(cfg["pf"]),
         *layouts(WK, WN, BM, OL), num_warps=WK * WN,
         # a register cap per thread (ptxas spills past it): None = the compiler's choice; a variant under test
         **({"maxnreg": maxnreg} if maxnreg else {}))
