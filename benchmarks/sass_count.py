@@ -100,19 +100,21 @@ def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnr
                         **({"pf": pf} if pf else {})}, maxnreg)
 
 
-def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096) -> dict:
+def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0) -> dict:
     from triton.experimental.gluon import language as gl
 
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
                 oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", pre_ptr="*fp32", y_ptr="*bf16",
                 ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", S="i32",
                 stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
-                EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False)
+                EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False,
+                PF=pf)
     for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), w.make_layouts(NW, BM)):
         args[name] = lay
     sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)
     return _sass_stats(w.nm16_wgmma_kernel, sig, cex, attrs, NW, WGMMA_KEPT_PER_TRIP,
-                       {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "pre": pre})
+                       {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "pre": pre,
+                        **({"pf": pf} if pf else {})})
 
 
 def _signature(kernel, args):

@@ -38,8 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                   warpgroup_mma_wait)
 
 from vllm_nm16.kernels import fragment as fr
-from vllm_nm16.kernels.gluon_nm16 import (_ASM, _can_run, _epilogue, _table, _to_half, _x_at, launch_inputs,
-                                           outlier_pass)
+from vllm_nm16.kernels.gluon_nm16 import (_ASM, _can_run, _epilogue, _l2_prefetch, _table, _to_half, _x_at,
+                                           launch_inputs, outlier_pass)
 
 TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
 
@@ -148,7 +148,7 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
                       EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, HAS_PRE: gl.constexpr,
                       OB: gl.constexpr,
                       OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr,
+                      PF: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr,
                       xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr):
     R: gl.constexpr = 16 * NW
     rb = gl.program_id(0)
@@ -167,6 +167,7 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     t_m = gl.arange(0, 4, layout=gl.SliceLayout(0, ml))[None, :]
     m_off = row_m * (K // 32) + t_m
     col_m = t_m * 32 + row_m * 0
+    pf_off = row_m * (K // 4) + t_m * 8   # L2 prefetch PF steps ahead (PF > 0): a row's 128-byte line of values
     # x offsets (int32 words): token * XS/2 + step * 64 + t * 16 + tile * 8 + word
     m_x = m0 + _ar4(BM, 0, xl)
     cw_x = _ar4(4, 2, xl) * 16 + _ar4(2, 1, xl) * 8 + _ar4(8, 3, xl)
@@ -190,6 +191,8 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     for i in range(i0, i1):
         # next step's W and x (past the end on the last trip: re-read the last step, unused)
         nxt = gl.minimum(i + 1, i1 - 1)
+        if PF > 0:
+            _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + PF, i1 - 1), 1)
         vn, mkn = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, nxt, K, EVEN_K)
         xn = _load_x(xw_ptr, x_off, col_x, x_row_ok, nxt, K, EVEN_X)
         a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
@@ -330,7 +333,8 @@ def pick_config(M: int, N: int, K: int) -> dict:
     # (two more launches) outweighs it. H200, kernels_h200.json (same run, PRE vs in-kernel): M = 64 8B gate_up 102.3
     # vs 159.6 us, 8B o 24.4 vs 30.8 us; M = 32 8B qkv 32.4 vs 35.8 us, 8B o (16.8M weights) 22.7 vs 21.7 us.
     pre = M > 32 or N * K >= _SMALL_LAYER_WEIGHTS
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre}  # (the launcher drops SPLIT past MAX_TILES tiles)
+    # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0}  # (the launcher drops SPLIT past MAX_TILES)
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -381,6 +385,6 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
         _counters(x2d.device), M, N, K, S, y.stride(0), NO, x2d.stride(0),
         _ASM, DT, NW, BM, split, even_k, even_k and M % BM == 0,
         has_out, pre is not None, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
-        scale is not None, shift is not None, bias is not None,
+        scale is not None, shift is not None, bias is not None, int(cfg["pf"]),
         *layouts(NW, BM), num_warps=NW)
     return y
