@@ -62,6 +62,11 @@ CASES = [
     ("scratch_ob192_m64", 8, 16, 20, 576, 64, "bfloat16", (192, 3), True, True, False, None, SCRATCH),
     ("scratch_k208_tail_m32", 8, 16, 33, 208, 32, "float16", None, True, False, True, None, SCRATCH),
     ("scratch_byte816_m40", 8, 16, 12, 256, 40, "bfloat16", (64, 3), True, True, False, "byte", SCRATCH),
+    # two buffers, chunks 16 + 16 + 5 rows (on the GPU: decodes on a side stream overlapping the GEMMs)
+    ("scratch_overlap3_m40", 8, 16, 37, 512, 40, "bfloat16", (256, 4), True, True, True, None,
+     {"kernel": "scratch", "overlap": 3}),
+    ("scratch_overlap2_m130_fp16", 8, 16, 48, 256, 130, "float16", (128, 2), True, False, False, None,
+     {"kernel": "scratch", "overlap": 2}),
     # more than 16 outlier slots per block: the outlier loop is not unrolled (the GPU fuzz's k = 5147 timed out)
     ("scratch_many_outliers_m20", 8, 16, 9, 256, 20, "bfloat16", (128, 40), True, False, True, None, SCRATCH),
     ("default_m300_bf16_all", 8, 16, 24, 512, 300, "bfloat16", (256, 4), True, True, True, None, None),

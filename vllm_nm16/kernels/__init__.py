@@ -50,7 +50,8 @@ def nm16_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
         return scratch_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,
                               outlier_block=outlier_block, outliers_per_block=outliers_per_block,
                               in_features=in_features, out_features=out_features, out=out,
-                              chunk_bytes=int(cfg["chunk_mb"] * 2**20) if "chunk_mb" in cfg else None)
+                              chunk_bytes=int(cfg["chunk_mb"] * 2**20) if "chunk_mb" in cfg else None,
+                              overlap=int(cfg.get("overlap", 0)))
     from vllm_nm16.kernels.triton_nm16 import nm16_linear as _impl  # noqa: PLC0415  (lazy: Triton import)
 
     return _impl(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, n=n, m=m,

@@ -19,6 +19,8 @@ dense copy of the largest layer (235 MB for Llama-3-8B's gate_up at bf16).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -129,26 +131,74 @@ def unpack_to_dense(values, positions, outlier_values, outlier_index, scale, *, 
     return w
 
 
+class _Streams:
+    """The two-stream schedule of ``scratch_linear(overlap=...)``: decodes on a side stream (one per device), GEMMs
+    on the caller's stream; buffer b is decoded only after the GEMM that last read it, and multiplied only after its
+    decode. The side stream first waits for the caller's stream (the inputs; under CUDA-graph capture this forks the
+    capture onto it), and every decode is waited on by a later GEMM, so the call ends joined."""
+
+    _side: dict = {}
+
+    def __init__(self, device: torch.device):
+        key = str(device)
+        if key not in self._side:
+            self._side[key] = torch.cuda.Stream(device=device)
+        self.side, self.main = self._side[key], torch.cuda.current_stream(device)
+        self.ready = [torch.cuda.Event(), torch.cuda.Event()]
+        self.free = [torch.cuda.Event(), torch.cuda.Event()]
+        self.side.wait_stream(self.main)
+
+    @contextlib.contextmanager
+    def decode(self, b: int, j: int):
+        with torch.cuda.stream(self.side):
+            if j >= 2:
+                self.side.wait_event(self.free[b])
+            yield
+            self.ready[b].record(self.side)
+
+    def before_gemm(self, b: int) -> None:
+        self.main.wait_event(self.ready[b])
+
+    def after_gemm(self, b: int) -> None:
+        self.free[b].record(self.main)
+
+
 def scratch_linear(x2d, values, positions, outlier_values, outlier_index, scale, shift, bias, *, n, m, outlier_block,
-                   outliers_per_block, in_features, out_features, out=None, chunk_bytes: int | None = None):
+                   outliers_per_block, in_features, out_features, out=None, chunk_bytes: int | None = None,
+                   overlap: int = 0):
     """``y = x @ W_eff.T + shift + bias`` by decoding W_eff into a scratch and calling cuBLAS; with ``chunk_bytes``
     > 0, that many bytes of dense weight (whole rows) at a time into one reused buffer (bounds the scratch memory;
-    the hope that an L2-sized chunk would skip the HBM round trip did not pan out, see NM16_SCRATCH_CHUNK_MB)."""
+    the hope that an L2-sized chunk would skip the HBM round trip did not pan out, see NM16_SCRATCH_CHUNK_MB).
+
+    ``overlap`` = C > 1 (a variant under test): C chunks of rows through two buffers, chunk j + 1 decoded on a side
+    stream while cuBLAS multiplies chunk j, so the memory-bound decode hides behind the compute-bound GEMM at large
+    M (CUDA: events order the two streams, CUDA-graph capturable as a fork/join; elsewhere the same chunks in
+    order)."""
     M = x2d.shape[0]
     N, K = out_features, in_features
     if chunk_bytes is None:
         chunk_bytes = int(envs.NM16_SCRATCH_CHUNK_MB * 2**20)
-    rows = N if not chunk_bytes else min(N, max(16, chunk_bytes // (K * x2d.element_size()) // 16 * 16))
+    if overlap > 1:
+        rows = min(N, (-(-N // overlap) + 15) // 16 * 16)   # ceil(N / overlap), rounded up to 16 rows
+    else:
+        rows = N if not chunk_bytes else min(N, max(16, chunk_bytes // (K * x2d.element_size()) // 16 * 16))
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device) if out is None else out
-    buf = torch.empty((rows, K), dtype=x2d.dtype, device=x2d.device)
+    bufs = [torch.empty((rows, K), dtype=x2d.dtype, device=x2d.device) for _ in range(2 if overlap > 1 else 1)]
     common = dict(n=n, m=m, outlier_block=outlier_block, outliers_per_block=outliers_per_block, in_features=K,
                   dtype=x2d.dtype)
-    for r0 in range(0, N, rows):  # a Python loop over a static count: CUDA-graph safe
+    streams = _Streams(x2d.device) if overlap > 1 and x2d.is_cuda else None
+    for j, r0 in enumerate(range(0, N, rows)):  # a Python loop over a static count: CUDA-graph safe
         r1 = min(N, r0 + rows)
+        b = j % len(bufs)
         part = lambda t: None if t is None else t[r0:r1]  # noqa: E731  (all weight tensors are row-major by output)
-        w = unpack_to_dense(values[r0:r1], positions[r0:r1], part(outlier_values), part(outlier_index), part(scale),
-                            out_features=r1 - r0, out=buf[: r1 - r0], **common)
+        with streams.decode(b, j) if streams else contextlib.nullcontext():
+            w = unpack_to_dense(values[r0:r1], positions[r0:r1], part(outlier_values), part(outlier_index),
+                                part(scale), out_features=r1 - r0, out=bufs[b][: r1 - r0], **common)
+        if streams:
+            streams.before_gemm(b)
         torch.mm(x2d, w.t(), out=y[:, r0:r1])  # cuBLAS writes the column slice in place (ldc = N)
+        if streams:
+            streams.after_gemm(b)
     b = output_bias(shift, bias, y.dtype)
     if b is not None:
         y.add_(b)
