@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import atomic_write, git
+from common import atomic_write, commit_record
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,14 +75,6 @@ def row_recipe(row: str) -> dict | None:
             raise ValueError(f"row {row!r}: cannot read modifier {w!r}")
         setattr(recipe, name, value)
     return dataclasses.asdict(recipe)
-
-
-def git_commit(given: str | None = None) -> dict:
-    """The commit a row ran on: git's answer, or ``given`` (a copy of the tree without its history, e.g. on the GPU
-    host, records the commit it was copied from)."""
-    if given:
-        return {"commit": given, "dirty": False, "commit_given": True}
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def _rel(p: Path) -> str:
@@ -185,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"{python} benchmarks/ablation.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for row, recipe in recipes.items():
-        commit = git_commit(args.commit)
+        commit = commit_record(args.commit)
         same = [r for r in data["runs"] if r["settings"] == settings and r["recipe"] == recipe
                 and r["commit"] == commit["commit"]]
         if same and not args.again:

@@ -143,6 +143,14 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def commit_record(given: str | None = None) -> dict:
+    """The commit a result ran on: git's answer, or ``given`` (a copy of the tree without its history, e.g. on the
+    GPU host, records the commit it was copied from; ``commit_given`` says so)."""
+    if given:
+        return {"commit": given, "dirty": False, "commit_given": True}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def git(*args: str) -> str | None:
     """The output of ``git ARGS`` in this checkout (None without git, on failure or when empty)."""
     try:

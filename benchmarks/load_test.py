@@ -44,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit_record  # noqa: E402  (benchmarks/common.py: no heavy imports)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: --model)")
     ap.add_argument("--served-model-name", default="nm16")
     ap.add_argument("--api-key", default="unused")
+    ap.add_argument("--commit", help="record this commit instead of asking git (a tree copied without its history)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-prompt-tokens", type=int, default=400)
@@ -401,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         res["server_leftover_pids"] = srv.leftover
     args.out.parent.mkdir(parents=True, exist_ok=True)
     res["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in res["config"].items()}
+    res.update(commit_record(args.commit))
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("requests", "failures", "cancelled", "greedy_checked", "greedy_mismatches",
                                            "p50_s", "p99_s", "tokens_per_s", "rss_mb_before", "rss_mb_rounds",

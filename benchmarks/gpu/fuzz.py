@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import commit_record  # noqa: E402  (benchmarks/common.py: no heavy imports)
 TOLERANCE = {"bfloat16": 1e-2, "float16": 2e-3}   # = tests/kernel_cases.py REL_ERR_BOUND / REL_ERR_BOUND_FP16
 PATTERNS = ((8, 16), (2, 4), (4, 8), (16, 32))
 N_MAX, K_MAX, M_MAX = 20000, 30000, 1100
@@ -370,6 +372,7 @@ def summarize(rows: list[dict], not_run: list[int], args, wall_s: float, env_inf
         "workers": args.workers,
         "wall_s": round(wall_s, 1),
         "command": "python3 " + " ".join(sys.argv),
+        **commit_record(args.commit),
         **env_info,
         "rows": rows,
     }
@@ -378,6 +381,7 @@ def summarize(rows: list[dict], not_run: list[int], args, wall_s: float, env_inf
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=500)
+    ap.add_argument("--commit", help="record this commit instead of asking git (a tree copied without its history)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-weight-mb", type=float, default=600.0,
                     help="cap on a case's dense bf16 weight (N * K * 2 bytes), in MB")

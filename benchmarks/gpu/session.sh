@@ -19,8 +19,9 @@
 #               8:16 + outliers 4/256 + scale), batches 1/16/64 + throughput, --iters 3 --warmup 1, no profiler; both
 #               models in this one call -> $OUT/e2e_dense.json, $OUT/e2e_nm16.json, merged $OUT/e2e_h200.json
 #
-#   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5) -> $OUT/fuzz_h200.json + .log
-#   load8b    : benchmarks/load_test.py (issue 14 item 2) against `vllm serve` of a config-only Llama-3-8B-shaped nm16
+#   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5; ARGS e.g. --commit COMMIT)
+#               -> $OUT/fuzz_h200.json + .log
+#   load8b COMMIT : benchmarks/load_test.py (issue 14 item 2), recorded as run on COMMIT, against `vllm serve` of a config-only Llama-3-8B-shaped nm16
 #               folder (--load-format dummy: valid random 8:16 layers + outliers 4/256 + scale; synthetic byte-level
 #               tokenizer), 1,000 requests at concurrency 128, bf16 -> $OUT/load_h200.json (+ server log)
 #
@@ -146,7 +147,7 @@ load8b)
   python3 benchmarks/load_test.py --model /tmp/llama8b-tok-nm16-cfg --requests 1000 --concurrency 128 \
     --dtype bfloat16 --text /tmp/gpudata/sotu-eval.txt --time-limit 420 \
     --server-args="--load-format dummy --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 17179869184" \
-    --out "$OUT/load_h200.json" --log "$OUT/load_h200_server.log"
+    --out "$OUT/load_h200.json" --log "$OUT/load_h200_server.log" --commit "$1"
   echo "load8b took $(( $(date +%s) - t0 )) s" ;;
 chunk)
   mkdir -p /tmp/chunks && cp ".gpu$1"/chunk_* /tmp/chunks/ && ls -la /tmp/chunks ;;
