@@ -265,7 +265,7 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
     va, ma, xa = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok, 0, K,
                             WK, EVEN_K, EVEN_X)
     for i in range(0, n_iter - 1, 2):
-        if PF > 0:  # (clamped to the last step: no address past the tensor's end)
+        if PF > 0:  # (clamped to the warp's last step; past K when K splits unevenly: a prefetch is only a hint)
             _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + PF, n_iter - 1), WK)
             _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + 1 + PF, n_iter - 1), WK)
         vb, mb, xb = _load_step(wv_ptr, wm_ptr, xw_ptr, v_off, m_off, x_off, col_v, col_m, col_x, x_row_ok, i + 1,
