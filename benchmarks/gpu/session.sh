@@ -51,6 +51,8 @@
 #               COMMIT (the commit the tree was copied from), into its own file /tmp/qrows/ROW.json (rows run in
 #               parallel as background steps)
 #   qmerge    : the rows of /tmp/qrows merged into $OUT/quality_qwen1.5b.json (ablation.py --merge)
+#   tp2greedy COMMIT : (2 GPUs, issue 12) Qwen compressed with outliers 2/128, greedy fp32 tokens TP=2 vs TP=1
+#               (benchmarks/gpu/tp_greedy.py) -> $OUT/tp2/
 #   qckpt     : the default 8:16 checkpoint of the model (nm16-compress --device cuda) at the path qvllm uses, so
 #               qvllm does not compress it again
 #   qvllm     : the default 8:16 checkpoint through vLLM: perplexity on the full sotu-eval vs transformers on the same
@@ -126,6 +128,18 @@ bgwait)
     while [ ! -f "/tmp/bg/$n.rc" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 5; done
   done
   bash "$ROOT/benchmarks/gpu/session.sh" bgstat ;;
+tp2greedy)
+  # issue 12 item 3 on a 2-GPU host (after install3 + the Qwen qpart/qprep steps): SmolLM2-135M cannot run TP=2 (9
+  # attention heads, 3 KV heads), so the check runs on Qwen2.5-Coder-1.5B (12 / 2), compressed with outliers 2/128
+  # (the default 4/256 block would be cut by TP=2's 4480-column halves of down_proj: the plugin refuses that)
+  use_site
+  [ -f /tmp/qwen-tp2-nm16/config.json ] || NM16_CACHE=/tmp/nm16cache python3 -c \
+    "import sys; from offline.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))" \
+    /tmp/nm16cache/models/qwen2.5-coder-1.5b /tmp/qwen-tp2-nm16 --device cuda --outliers 2/128 \
+    --calib /tmp/gpudata/sotu-calib-part.txt
+  python3 benchmarks/gpu/tp_greedy.py /tmp/qwen-tp2-nm16 --tp 2 --dtype float32 --commit "$1" \
+    --out "$OUT/tp2/tp_greedy.json" || true
+  tail -n 20 "$OUT/tp2/tp_greedy.json" ;;
 qmerge)
   use_site
   python3 benchmarks/ablation.py --merge /tmp/qrows/*.json --out "$OUT/quality_qwen1.5b.json" ;;
