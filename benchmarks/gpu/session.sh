@@ -21,9 +21,10 @@
 #
 #   fuzz [ARGS] : benchmarks/gpu/fuzz.py (kernel fuzz vs float64, issue 14 item 5; ARGS e.g. --commit COMMIT)
 #               -> $OUT/fuzz_h200.json + .log
-#   load8b COMMIT : benchmarks/load_test.py (issue 14 item 2), recorded as run on COMMIT, against `vllm serve` of a config-only Llama-3-8B-shaped nm16
-#               folder (--load-format dummy: valid random 8:16 layers + outliers 4/256 + scale; synthetic byte-level
-#               tokenizer), 1,000 requests at concurrency 128, bf16 -> $OUT/load_h200.json (+ server log)
+#   load8b COMMIT : benchmarks/load_test.py (issue 14 item 2), recorded as run on COMMIT, against `vllm serve` of a
+#               config-only Llama-3-8B-shaped nm16 folder (--load-format dummy: valid random 8:16 layers + outliers
+#               4/256 + scale; synthetic byte-level tokenizer), 1,000 requests at concurrency 128, bf16
+#               -> $OUT/load_h200.json (+ server log)
 #
 # The three-part wheelhouse of ../shared/gpu-vllm/build.sh instead of the four chunks (session 9 on):
 #   parts N   : copy .gpuN/* (part_aa / part_ab / part_ac + SHA256SUMS + install.sh) to /tmp/parts
