@@ -90,6 +90,22 @@ cfg70() {
   [ -f /tmp/llama70b-nm16-cfg/config.json ] || python3 benchmarks/pack_random_nm16.py /tmp/llama70b-cfg \
     /tmp/llama70b-nm16-cfg --config-only --outliers "${NM16_OUTLIERS:-4/256}"
 }
+# After vLLM's wheelhouse is in $site: the gguf wheel found in $1, this project, and what got installed
+install_rest() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $site "$1"/gguf-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $site "$ROOT"
+  use_site
+  python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, vllm, transformers, gguf; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+}
+# nm16-compress SRC DST [ARGS] on the GPU with the carried calibration text (pip --target leaves an existing bin/
+# alone, so the console script may be missing: call its function)
+compress_cuda() {
+  NM16_CACHE=/tmp/nm16cache python3 -c \
+    "import sys; from offline.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))" \
+    "$@" --device cuda --calib /tmp/gpudata/sotu-calib-part.txt
+}
 dummy70=(--load-format dummy --skip-tokenizer-init --iters 2 --warmup 1 --output-len 128 --tp-prompts 200
          --label 70b --record-failure)
 
@@ -100,13 +116,7 @@ parts)
 install3)
   mkdir -p /tmp/gpudata && tar xzf .gpudata/data.tar.gz -C /tmp/gpudata && ls /tmp/gpudata
   bash /tmp/parts/install.sh /tmp/parts $site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $site .gpudata/gguf-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $site "$ROOT"
-  use_site
-  python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton, vllm, transformers, gguf; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
-  ;;
+  install_rest .gpudata ;;
 bg)
   name=$1; shift
   mkdir -p "/tmp/bg/$name" "/tmp/bgtree/$name"
@@ -134,10 +144,8 @@ tp2greedy)
   # attention heads, 3 KV heads), so the check runs on Qwen2.5-Coder-1.5B (12 / 2), compressed with outliers 2/128
   # (the default 4/256 block would be cut by TP=2's 4480-column halves of down_proj: the plugin refuses that)
   use_site
-  [ -f /tmp/qwen-tp2-nm16/config.json ] || NM16_CACHE=/tmp/nm16cache python3 -c \
-    "import sys; from offline.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))" \
-    /tmp/nm16cache/models/qwen2.5-coder-1.5b /tmp/qwen-tp2-nm16 --device cuda --outliers 2/128 \
-    --calib /tmp/gpudata/sotu-calib-part.txt
+  [ -f /tmp/qwen-tp2-nm16/config.json ] || compress_cuda /tmp/nm16cache/models/qwen2.5-coder-1.5b \
+    /tmp/qwen-tp2-nm16 --outliers 2/128
   python3 benchmarks/gpu/tp_greedy.py /tmp/qwen-tp2-nm16 --tp 2 --dtype float32 --commit "$1" \
     --out "$OUT/tp2/tp_greedy.json" || true
   tail -n 20 "$OUT/tp2/tp_greedy.json" ;;
@@ -146,11 +154,8 @@ qmerge)
   python3 benchmarks/ablation.py --merge /tmp/qrows/*.json --out "$OUT/quality_qwen1.5b.json" ;;
 qckpt)
   use_site
-  # (pip --target leaves an existing bin/ alone, so the console script may be missing: call its function)
-  [ -f /tmp/qwen2.5-coder-1.5b-nm16/config.json ] || NM16_CACHE=/tmp/nm16cache python3 -c \
-    "import sys; from offline.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))" \
-    /tmp/nm16cache/models/qwen2.5-coder-1.5b /tmp/qwen2.5-coder-1.5b-nm16 --device cuda \
-    --calib /tmp/gpudata/sotu-calib-part.txt
+  [ -f /tmp/qwen2.5-coder-1.5b-nm16/config.json ] || compress_cuda /tmp/nm16cache/models/qwen2.5-coder-1.5b \
+    /tmp/qwen2.5-coder-1.5b-nm16
   ls -la /tmp/qwen2.5-coder-1.5b-nm16 ;;
 load8b)
   use_site
@@ -173,13 +178,7 @@ install)
   echo "$1  /tmp/all.tar" | sha256sum -c -
   mkdir -p /tmp/bundle && tar xf /tmp/all.tar -C /tmp/bundle && rm /tmp/all.tar
   bash /tmp/bundle/install.sh /tmp/bundle $site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $site /tmp/bundle/gguf-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $site "$ROOT"
-  use_site
-  python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton, vllm, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
-  ;;
+  install_rest /tmp/bundle ;;
 ktests)
   # kernels only (no vLLM): the GPU kernel tests, gluon_check of the mma_v2 and wgmma kernels and of the launch
   # variant(s) given as JSON arguments (each `gluon_check.py --extra`); logs -> $OUT

@@ -23,14 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import commit_record  # noqa: E402  (benchmarks/common.py: no heavy imports)
-
-PROMPTS = [
-    "The State of the Union address is",
-    "Write one sentence about the ocean:",
-    "def fibonacci(n):",
-    "The three most important things in life are",
-    "Question: What is the capital of France?\nAnswer:",
-]
+from smollm_check import PROMPTS  # noqa: E402  (beside this file; the same prompts as the single-GPU check)
 
 
 def child(spec_path: str, out_path: str) -> None:
