@@ -108,15 +108,18 @@ def measure(args) -> dict:
     variant_configs = json.loads(args.gluon_configs) if args.gluon_configs else []
 
     def variants_at(M: int) -> list[dict]:
-        """The --gluon-configs variants timed at M (the Gluon mma_v2 kernel's only up to M = 64)."""
-        return [vc for vc in variant_configs if not (vc.get("kernel", "gluon") == "gluon" and M > 64)]
+        """The --gluon-configs variants timed at M: where a variant lists its own ``ms``, those M only; else every M
+        (the Gluon mma_v2 kernel's only up to M = 64). Returned without the ``ms`` key (a launch config)."""
+        return [{k: v for k, v in vc.items() if k != "ms"} for vc in variant_configs
+                if (M in vc["ms"] if "ms" in vc else not (vc.get("kernel", "gluon") == "gluon" and M > 64))]
     for name, (N, K) in shapes.items():
         t = random_layer(N, K, outlier_block=B, outliers_per_block=k, scale=True, device="cuda")
         v, mk, ov, oi, sc, _ = layer_args(t)
         full = repack(v, mk, ov, oi, n=8, m=16, outlier_block=B, outliers_per_block=k)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
         layers[name] = (N, K, v, mk, ov, oi, sc, full, W)
-        for M in (1, 5, 16, 64, 300):  # gemv, both dot regimes, split-K and not, a non-multiple of BM
+        # gemv, both dot regimes, split-K and not, a non-multiple of BM; and the first M of each variant's own "ms"
+        for M in sorted({1, 5, 16, 64, 300} | {min(vc["ms"]) for vc in variant_configs if "ms" in vc}):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = reference_linear(x, v, mk, ov, oi, sc, None, None, n=8, m=16, outlier_block=B,
                                    outliers_per_block=k)
@@ -301,7 +304,8 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=40)
     ap.add_argument("--gluon-configs", default="",
                     help="JSON list of launch configs to time too, e.g. {\"WK\": 4} (Gluon mma_v2 kernel, M <= 64) "
-                         "or {\"kernel\": \"wgmma\", \"BM\": 64, \"NW\": 8}")
+                         "or {\"kernel\": \"wgmma\", \"BM\": 64, \"NW\": 8}; a config's \"ms\": [..] limits it "
+                         "to those M")
     ap.add_argument("--graph-us", type=float, default=3000, help="target GPU time of one graph replay")
     args = ap.parse_args()
     if args.plot:
