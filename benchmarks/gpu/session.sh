@@ -7,6 +7,7 @@
 #   install SHA256 : unpack .gpudata/data.tar.gz (calibration/eval text, tokenizer) to /tmp/gpudata, reassemble the
 #               chunks, install vLLM 0.26.0 + gguf + this project into /tmp/site
 #   kcheck    : GPU kernel tests + the kernel benchmark (bench_kernels.py, all shapes and M)
+#   bench NAME [ARGS] : benchmarks/bench_kernels.py ARGS (kernels only) -> $OUT/NAME.json + NAME.log
 #   ktests [EXTRA...] : GPU kernel tests + gluon_check (mma_v2, wgmma, and with each EXTRA launch-config JSON)
 #   smollm    : benchmarks/gpu/smollm_check.py (default model: compress on the GPU, greedy + perplexity vLLM-GPU vs
 #               the PyTorch path and transformers, `vllm serve` with CUDA graphs + torch.compile answering chat)
@@ -179,6 +180,11 @@ install)
   mkdir -p /tmp/bundle && tar xf /tmp/all.tar -C /tmp/bundle && rm /tmp/all.tar
   bash /tmp/bundle/install.sh /tmp/bundle $site
   install_rest /tmp/bundle ;;
+bench)
+  # kernels only (no vLLM): benchmarks/bench_kernels.py ARGS... -> $OUT/NAME.json + .log (e.g. --gluon-configs ...)
+  name=$1; shift
+  PYTHONPATH=$ROOT python3 benchmarks/bench_kernels.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
+  tail -n 3 "$OUT/$name.log" ;;
 ktests)
   # kernels only (no vLLM): the GPU kernel tests, gluon_check of the mma_v2 and wgmma kernels and of the launch
   # variant(s) given as JSON arguments (each `gluon_check.py --extra`); logs -> $OUT
