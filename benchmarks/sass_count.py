@@ -81,23 +81,24 @@ def _loop(sass: str) -> list[str]:
     return best
 
 
-def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnreg=None, pf=0) -> dict:
+def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnreg=None, pf=0, ot=None) -> dict:
     from triton.experimental.gluon import language as gl
 
     olanes = olanes or g.outlier_lanes(BM)
+    ot = ot or BM
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
                 oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", pre_ptr="*fp32",
                 y_ptr="*bf16", M="i32", N="i32", K="i32", S="i32", stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16,
                 WK=WK, WN=WN, BM=BM, EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, OUT_IN_LOOP=in_loop, HAS_PRE=pre, OB=256,
                 OK=4,
-                OC=olanes * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False, PF=pf)
-    for name, lay in zip(("mma", "a_l", "b_l", "vl", "gl4", "xl", "ol"), g.make_layouts(WK, WN, BM, olanes)):
+                OC=olanes * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False, PF=pf, OT=ot)
+    for name, lay in zip(("mma", "a_l", "b_l", "vl", "gl4", "xl", "ol"), g.make_layouts(WK, WN, BM, olanes, ot)):
         args[name] = lay
     sig, cex, attrs = _signature(g.nm16_fragment_kernel, args)
     return _sass_stats(g.nm16_fragment_kernel, sig, cex, attrs, WK * WN, KEPT_PER_TRIP,
                        {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out,
                         "pre": pre, "olanes": olanes, **({"maxnreg": maxnreg} if maxnreg else {}),
-                        **({"pf": pf} if pf else {})}, maxnreg)
+                        **({"pf": pf} if pf else {}), **({"ot": ot} if ot != BM else {})}, maxnreg)
 
 
 def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0) -> dict:

@@ -96,6 +96,11 @@ GLUON_CASES = [
      dict(GLUON, pre=True)),
     ("gluon_m40_bf16_all_pre_ob64", 8, 16, 128, 1024, 40, "bfloat16", (64, 1), True, True, True, None,
      dict(GLUON, pre=True)),
+    # the outlier stage on fewer tokens than the block (ot < BM: widened in the epilogue), after the loop
+    ("gluon_m1_fp16_all_ot1_bm16", 8, 16, 256, 4096, 1, "float16", (256, 4), True, True, True, None,
+     dict(GLUON, BM=16, ot=1)),
+    ("gluon_m2_bf16_out_ot2_bm32", 8, 16, 256, 4096, 2, "bfloat16", (256, 4), True, False, False, None,
+     dict(GLUON, BM=32, WN=2, WK=4, ot=2)),
 ]
 # The wgmma kernel (sm_90), forced: every M class incl. several token blocks, K tails, split-K (auto and forced,
 # counters reused across cases), 4 and 8 warps, both dtypes.

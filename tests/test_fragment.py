@@ -54,3 +54,18 @@ def test_wrong_table_word_is_caught(monkeypatch):
     words = np.array([[1 | 2 << 16, 3 | 4 << 16, 5 | 6 << 16, 7 | 8 << 16]], dtype=np.uint32)
     out = fr.run_program(fr.decode_program(0), words, masks).view(np.uint16).reshape(16)
     assert not np.array_equal(out[1::2], np.arange(1, 9))
+
+
+def test_outlier_stage_covers_every_token():
+    """The outlier stage's token count (pick_config's ``ot``): a power of two holding every token < M of the CTA's
+    block, at most BM, and all of BM once M fills it; the kernel's launch shapes stay powers of two."""
+    from vllm_nm16.kernels.gluon_nm16 import outlier_tokens, pick_config
+
+    for M in range(1, 80):
+        for N, K in ((4096, 4096), (28672, 4096), (4096, 14336), (96, 1536)):
+            c = pick_config(M, N, K)
+            BM, OT = c["BM"], c["ot"]
+            assert OT & (OT - 1) == 0 and 1 <= OT <= BM, (M, c)
+            assert (M <= OT) if M < BM else OT == BM, (M, c)
+            assert (c["WK"] * c["WN"]) & (c["WK"] * c["WN"] - 1) == 0, (M, N, K, c)
+    assert [outlier_tokens(M, 8) for M in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 8]

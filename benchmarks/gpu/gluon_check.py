@@ -53,6 +53,11 @@ def main():
                 {"pf": 64, "BM": 16, "WK": 4}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
+    # the outlier stage on fewer tokens than the block (ot < BM), in the loop (BM 8) and after it (BM 16, 32)
+    for M, cfg in ((1, {"ot": 1}), (2, {"ot": 2, "BM": 16}), (1, {"ot": 1, "BM": 32, "WN": 4, "WK": 2}),
+                   (3, {"ot": 4, "out_in_loop": False}), (4, {"ot": 4, "BM": 16, "out_in_loop": True})):
+        cases.append((2048, 4096, M, torch.bfloat16, 4, 256, True, False, False, cfg))
+        cases.append((1024, 14336, M, torch.float16, 4, 256, True, True, True, cfg))
     if args.kernel == "wgmma":  # the wgmma kernel: every M class it serves, configs, tails, both dtypes
         cases = []
         for (N, K) in [(4096, 4096), (1024, 14336), (576, 576), (192, 1536), (64, 160)]:

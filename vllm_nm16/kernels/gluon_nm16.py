@@ -43,10 +43,12 @@ def outlier_lanes(BM: int) -> int:
     return 4
 
 
-def make_layouts(WK: int, WN: int, BM: int, olanes: int | None = None):
+def make_layouts(WK: int, WN: int, BM: int, olanes: int | None = None, OT: int | None = None):
     """The distributed layouts: warps [WK along K, WN along N], 16 rows per WN-warp, BM tokens, 2 tiles per step;
-    ``olanes`` lanes along the outlier slots (default :func:`outlier_lanes`)."""
+    ``olanes`` lanes along the outlier slots (default :func:`outlier_lanes`), ``OT`` tokens in the outlier stage
+    (default BM; see :func:`outlier_tokens`)."""
     olanes = olanes or outlier_lanes(BM)
+    OT = OT or BM
     R = 16 * WN
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WK, WN, 1], instr_shape=[1, 16, 8])
     a_l = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -69,11 +71,24 @@ def make_layouts(WK: int, WN: int, BM: int, olanes: int | None = None):
     xl = gl.DistributedLinearLayout(reg_bases=xreg, lane_bases=lane5,
                                     warp_bases=[[0, 0, 0, 0, 0]] * _lg(WN) + warp_k, block_bases=[],
                                     shape=[WK, BM, 2, 4, 8])
-    # outliers [R rows, OC slots, BM tokens]: tokens in registers; OC = olanes * WK slots per chunk (the gathered x
-    # and the accumulator hold OC * BM / (2 * WK) values per thread)
-    ol = gl.BlockedLayout(size_per_thread=[1, 1, BM], threads_per_warp=[32 // olanes, olanes, 1],
+    # outliers [R rows, OC slots, OT tokens]: tokens in registers; OC = olanes * WK slots per chunk (the gathered x
+    # and the accumulator hold OC * OT / (2 * WK) values per thread)
+    ol = gl.BlockedLayout(size_per_thread=[1, 1, OT], threads_per_warp=[32 // olanes, olanes, 1],
                           warps_per_cta=[WN, WK, 1], order=[2, 1, 0])
     return mma, a_l, b_l, vl, gl4, xl, ol
+
+
+def outlier_tokens(M: int, BM: int) -> int:
+    """Tokens the outlier stage computes (config key ``ot``): M rounded up to a power of two, at most BM. The mma
+    needs BM >= 8 token columns, but an outlier's gathers and FMAs are per token: at M = 1 the other 7 were wasted
+    work and registers."""
+    return BM if M >= BM else min(BM, 1 << max(0, (M - 1).bit_length()))
+
+
+@gluon.jit
+def _widen(so, R: gl.constexpr, T: gl.constexpr):
+    """[R, T] -> [R, 2T]: token j + T repeats token j (the epilogue stores tokens < M <= T only)."""
+    return gl.reshape(gl.permute(gl.join(so, so), [0, 2, 1]), [R, 2 * T])
 
 
 @gluon.jit
@@ -210,7 +225,8 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
                          HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, HAS_PRE: gl.constexpr, OB: gl.constexpr,
                          OK: gl.constexpr, OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, PF: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, PF: gl.constexpr, OT: gl.constexpr, mma: gl.constexpr,
+                         a_l: gl.constexpr,
                          b_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr,
                          ol: gl.constexpr):
     R: gl.constexpr = 16 * WN
@@ -257,8 +273,8 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
         # them otherwise: large BM needs the registers in the loop) run after it.
         r_o = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, ol)))[:, None]
         c_o = gl.arange(0, OC, layout=gl.SliceLayout(0, gl.SliceLayout(2, ol)))[None, :]
-        m_o = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
-        acc_o = gl.full([R, OC, BM], 0.0, gl.float32, layout=ol)
+        m_o = m0 + gl.arange(0, OT, layout=gl.SliceLayout(0, gl.SliceLayout(1, ol)))[None, None, :]
+        acc_o = gl.full([R, OC, OT], 0.0, gl.float32, layout=ol)
         if OUT_IN_LOOP:
             ov_a, oi_a = _out_load(ov_ptr, oi_ptr, r_o, c_o, 0, NO, OC)
     # One step of register prefetch, unrolled by two so that the two buffers swap roles without register moves.
@@ -300,7 +316,18 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                 acc_o += ov_c.to(gl.float32)[:, :, None] * xg.to(gl.float32)
         else:
             acc_o = _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, 0, M, NO, XS, OB, OK, OC)
-        res = res + gl.convert_layout(gl.sum(acc_o, axis=1), el)
+        so = gl.sum(acc_o, axis=1)                              # [R, OT] -> [R, BM] (OT < BM: M <= OT)
+        if BM // OT >= 2:
+            so = _widen(so, R, OT)
+        if BM // OT >= 4:
+            so = _widen(so, R, 2 * OT)
+        if BM // OT >= 8:
+            so = _widen(so, R, 4 * OT)
+        if BM // OT >= 16:
+            so = _widen(so, R, 8 * OT)
+        if BM // OT >= 32:
+            so = _widen(so, R, 16 * OT)
+        res = res + gl.convert_layout(so, el)
     _epilogue(res, rows, toks, y_ptr, shift_ptr, bias_ptr, pre_ptr, M, N, stride_ym, HAS_SHIFT, HAS_BIAS, HAS_PRE)
 
 
@@ -326,10 +353,10 @@ _LAYOUTS: dict = {}
 _TABLES: dict = {}
 
 
-def layouts(WK: int, WN: int, BM: int, olanes: int):
-    key = (WK, WN, BM, olanes)
+def layouts(WK: int, WN: int, BM: int, olanes: int, OT: int):
+    key = (WK, WN, BM, olanes, OT)
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = make_layouts(WK, WN, BM, olanes)
+        _LAYOUTS[key] = make_layouts(WK, WN, BM, olanes, OT)
     return _LAYOUTS[key]
 
 
@@ -372,7 +399,8 @@ def pick_config(M: int, N: int, K: int) -> dict:
     * BM = 32: WN = 4 warps along N share x through L1 with WK = 2 on layers up to 8192 x 8192 (8B qkv 44.9 vs
       54.5 us, 70B o 80.7 vs 90.2 us); else WN = 2 and the fill rule (gate_up WK = 1: 148 us; down WK = 4: 72.8 us).
     * Outliers inside the main loop for BM = 8; after it for larger BM (the in-loop stream's registers cut
-      occupancy: 217 vs 156 registers at BM = 16; in-loop measured 3-15% slower there).
+      occupancy: 217 vs 156 registers at BM = 16; in-loop measured 3-15% slower there), for the first
+      :func:`outlier_tokens` tokens only (M = 1: 707 instead of 813 SASS per loop trip, 96 instead of 124 registers).
     K steps per warp stay whole where possible (then the loop has no masks).
     """
     steps = -(-K // fr.STEP_COLS)
@@ -393,7 +421,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
     WK = 1 << (WK.bit_length() - 1)  # a power of two: the CTA's warp count must be one (K // 1024 may be 3, 5, ...)
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM),
-            "maxnreg": None, "pf": 0}
+            "maxnreg": None, "pf": 0, "ot": outlier_tokens(M, BM)}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -465,6 +493,10 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK, OL = cfg["BM"], cfg["WN"], cfg["WK"], cfg["olanes"]
     maxnreg = cfg["maxnreg"]
+    # outlier tokens: the config's ``ot`` (a forced BM keeps the default: all its tokens); every token < M is needed
+    OT = BM if "BM" in (config or {}) and "ot" not in (config or {}) else cfg["ot"]
+    if not (isinstance(OT, int) and 1 <= OT <= BM and OT & (OT - 1) == 0 and (M <= OT or OT == BM)):
+        raise ValueError(f"nm16 Gluon kernel: ot={OT} (a power of two <= BM={BM}, >= M={M} unless = BM)")
     if (WK * WN > 32 or (WK * WN) & (WK * WN - 1) or BM not in (8, 16, 32) or OL not in (1, 2, 4, 8)
             or not (maxnreg is None or 32 <= maxnreg <= 255) or not 0 <= int(cfg["pf"]) <= 64):
         raise ValueError(f"nm16 Gluon kernel: config BM={BM}, WN={WN}, WK={WK}, olanes={OL}, maxnreg={maxnreg}, "
@@ -487,8 +519,8 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
         has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
-        OL * WK, scale is not None, shift is not None, bias is not None, int(cfg["pf"]),
-        *layouts(WK, WN, BM, OL), num_warps=WK * WN,
+        OL * WK, scale is not None, shift is not None, bias is not None, int(cfg["pf"]), OT,
+        *layouts(WK, WN, BM, OL, OT), num_warps=WK * WN,
         # a register cap per thread (ptxas spills past it): None = the compiler's choice; a variant under test
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return y
