@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import atomic_write, error_from_log, git, kv_tokens_from_log, weights_gib_from_log
+from common import atomic_write, commit_record, error_from_log, kv_tokens_from_log, weights_gib_from_log
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -243,7 +243,7 @@ def bench_model(model: str, quantization: str | None, args: argparse.Namespace, 
         print(text[-6000:])
         raise SystemExit(f"benchmark of {model} failed (rc {rc}{', timed out' if timed_out else ''}); log: {log_file}")
     res.update(started="startup_s" in res, weights_gib=weights_gib_from_log(text), kv_tokens=kv_tokens_from_log(text),
-               label=args.label, settings=settings_of(args), env=environment(), start_only=args.start_only)
+               label=args.label, settings=settings_of(args), env=environment(args.commit), start_only=args.start_only)
     if failed:
         cause, lines = error_from_log(text)
         if timed_out:
@@ -299,8 +299,10 @@ def recorded_settings(run: dict) -> dict:
     return {**LEGACY_SETTINGS, **run["settings"]}
 
 
-def environment() -> dict:
-    env = {"python": platform.python_version(), "argv": sys.argv, "commit": git("rev-parse", "HEAD")}
+def environment(commit: str | None = None) -> dict:
+    """Versions, argv and the commit: ``commit`` (--commit) where given -- the GPU host's copy of the tree answers
+    git with the commit its session started from, not the one copied (measured: 12ef88c recorded for e4509ba)."""
+    env = {"python": platform.python_version(), "argv": sys.argv, **commit_record(commit)}
     try:
         import torch
         import vllm
@@ -392,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--record-failure", action="store_true",
                     help="a run that fails or times out writes its result (started, error, what it measured) "
                          "instead of stopping with an error")
+    ap.add_argument("--commit", help="the commit this tree was copied from (recorded instead of git's answer)")
     ap.add_argument("--label", help="model label stored in the result (e.g. 70b), read by scale_report.py")
     ap.add_argument("--only", choices=("dense", "nm16"), help="benchmark one model; write LOG_DIR/e2e_<name>.json")
     ap.add_argument("--merge", nargs=2, type=Path, metavar=("DENSE_JSON", "NM16_JSON"),
@@ -433,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--dense, --nm16 and --json are required")
         dense = bench_model(args.dense, None, args, args.log_dir)
         nm16 = bench_model(args.nm16, "nm16", args, args.log_dir)
-        env = environment()
+        env = environment(args.commit)
         gpu, vllm_v = env.get("gpu"), env.get("vllm")
     if not args.json:
         ap.error("--json is required")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 # benchmarks/common.py (the script folder is on sys.path)
-from common import SHAPES, graph_us as _graph_us, graphs_us_interleaved
+from common import SHAPES, commit_record, graph_us as _graph_us, graphs_us_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the kernels' launch-shape rules (sass_per_kept) without an installed checkout
@@ -93,7 +93,7 @@ def measure(args) -> dict:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
     header = {"gpu": smi, "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bandwidth_Bps": bw, "bf16_matmul_flops": flops, "command": " ".join(sys.argv),
+              "copy_bandwidth_Bps": bw, "bf16_matmul_flops": flops, "command": " ".join(sys.argv), **commit_record(args.commit),
               "outliers_k": args.outliers_k, "outlier_block": args.outlier_block,
               "timing": "CUDA-graph replay of back-to-back calls rotating over >= 120 MB of weight copies "
                         "(weights from HBM, no launch overhead); median of 7 replays; --gluon-configs variants "
@@ -224,7 +224,8 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
         found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]
                  and v["outliers"] == want["outliers"] and (not want["outliers"] or v["outliers_in_loop"] ==
                                                              c["out_in_loop"])
-                 and v.get("olanes", c["olanes"]) == c["olanes"]]
+                 and v.get("olanes", c["olanes"]) == c["olanes"]
+                 and (not want["outliers"] or v.get("ot", v["BM"]) == c["ot"])]
     elif row["kernel"] == "wgmma":
         from vllm_nm16.kernels.gluon_wgmma import pick_config
 
@@ -306,6 +307,8 @@ def main() -> None:
                     help="JSON list of launch configs to time too, e.g. {\"WK\": 4} (Gluon mma_v2 kernel, M <= 64) "
                          "or {\"kernel\": \"wgmma\", \"BM\": 64, \"NW\": 8}; a config's \"ms\": [..] limits it "
                          "to those M")
+    ap.add_argument("--commit", help="the commit this tree was copied from (the GPU host's git answers with the "
+                                     "commit its session started from)")
     ap.add_argument("--graph-us", type=float, default=3000, help="target GPU time of one graph replay")
     args = ap.parse_args()
     if args.plot:

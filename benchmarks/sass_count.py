@@ -31,6 +31,10 @@ VARIANTS = {  # name: (BM, WN, WK, outliers, outliers in the loop) -- the launch
     "BM32 bare": (32, 2, 4, False, False), "BM32 outliers": (32, 2, 4, True, False),
     "BM16 pre": (16, 1, 8, False, False, True),
     "BM16 outliers, 2 outlier lanes": (16, 1, 8, True, False, False, 2),   # config olanes = 2 (not the default)
+    # the outlier stage on the first ot tokens only (pick_config's ot = pow2ceil(M) at M < BM; keyword arguments)
+    "BM8 outliers, M=1 (ot 1)": (8, 1, 4, True, True, {"ot": 1}),
+    "BM8 outliers, M=2 (ot 2)": (8, 1, 4, True, True, {"ot": 2}),
+    "BM8 outliers, M=3-4 (ot 4)": (8, 1, 4, True, True, {"ot": 4}),
 }
 
 
@@ -163,7 +167,10 @@ def main() -> None:
     g, w = _import_kernel()
     rows = {}
     for name, v in list(VARIANTS.items()) + list(WGMMA_VARIANTS.items()):
-        rows[name] = count(g, *v) if name in VARIANTS else count_wgmma(g, w, *v)
+        if name not in VARIANTS:
+            rows[name] = count_wgmma(g, w, *v)
+        else:
+            rows[name] = count(g, *v[:-1], **v[-1]) if isinstance(v[-1], dict) else count(g, *v)
         r = rows[name]
         print(f"{name:<14} {r['sass_per_kept']:5.2f} SASS/kept  ({r['loop_instructions']} per trip)  "
               f"{r['registers']} regs  {r['mix']}")

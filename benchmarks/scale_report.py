@@ -39,7 +39,8 @@ PLANNED = [("70b", "nm16", 1), ("70b", "dense", 1), ("70b", "dense", 2), ("8b", 
 
 def kernel_commit(commit: str | None) -> str | None:
     """The last commit at or before ``commit`` that changed vllm_nm16/kernels (None without git)."""
-    return git("log", "-1", "--format=%H", commit, "--", "vllm_nm16/kernels") if commit else None
+    # (":/": from the top of the repository -- git runs in benchmarks/, where a plain path matched nothing)
+    return git("log", "-1", "--format=%H", commit, "--", ":/vllm_nm16/kernels") if commit else None
 
 
 def command_of(env: dict | None) -> str | None:
@@ -204,18 +205,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("inputs", nargs="*", type=Path, help="raw result files or folders")
     ap.add_argument("--e2e-8b", type=Path, help="merged bench_e2e result of the 8B shapes (TP=1)")
     ap.add_argument("--e2e-8b-logs", type=Path, help="folder with that run's e2e_dense.log / e2e_nm16.log")
-    ap.add_argument("--e2e-8b-commit", help="commit the 8B result was measured on")
+    ap.add_argument("--e2e-8b-commit", help="commit the 8B result was measured on (over what the file says)")
     ap.add_argument("--commit", help="commit the raw runs were measured on, where they did not record one "
                                      "(default: this checkout's HEAD)")
+    ap.add_argument("--commit-of", action="append", default=[], metavar="FILE=SHA",
+                    help="the commit one input file was measured on, over what the file says (repeatable): the GPU "
+                         "host's copy of the tree answers git with the commit its session started from")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args(argv)
     runs, serves = load_inputs(args.inputs)
     commits: dict[str, str | None] = {}
+    forced = [spec.partition("=")[::2] for spec in args.commit_of]
     if args.e2e_8b:
-        eight = e2e_8b_runs(args.e2e_8b, args.e2e_8b_logs)
-        runs += eight
-        commits[str(args.e2e_8b)] = args.e2e_8b_commit
+        runs += e2e_8b_runs(args.e2e_8b, args.e2e_8b_logs)
+        if args.e2e_8b_commit:
+            forced.append((str(args.e2e_8b), args.e2e_8b_commit))
+    for file, sha in forced:
+        hit = [r for r in runs + serves if Path(r["_file"]) == Path(file)]
+        if not sha or not hit:
+            raise SystemExit(f"error: --commit-of {file}={sha}: expected FILE=SHA with FILE one of the inputs")
+        for r in hit:
+            r["env"] = {**(r.get("env") or {}), "commit": sha, "commit_given": True}
+            commits[r["_file"]] = sha
     if not runs and not serves:
         raise SystemExit("error: no results among the inputs")
     report = build(runs, serves, args.commit or git("rev-parse", "HEAD"), commits)

@@ -169,6 +169,17 @@ def test_merge_without_8b_and_partial_run(tmp_path):
     assert (r["bench"], r["started"], r["kv_tokens"], r["startup_s"]) == ("startup", True, 115_000, 190.0)
 
 
+def test_commit_of_overrides_what_a_file_says(tmp_path, raw):
+    d, _, _ = raw
+    nm16, serve = d / "70b_nm16_tp1" / "e2e_nm16.json", d / "serve" / "serve_70b_nm16_tp1.json"
+    rep = _report(tmp_path, d, "--commit-of", f"{nm16}=" + "d" * 40, "--commit-of", f"{serve}=" + "e" * 40)
+    assert {r["commit"] for r in rep["rows"] if r["engine"] == "nm16"} == {"d" * 40}  # over the file's own "a" * 40
+    assert _row(rep, "70b", "dense", "startup")["commit"] == "b" * 40                 # --commit where not named
+    assert rep["serve"][0]["commit"] == "e" * 40
+    with pytest.raises(SystemExit, match="FILE=SHA"):
+        _report(tmp_path, d, "--commit-of", f"{tmp_path / 'nope.json'}=" + "d" * 40)
+
+
 def test_refuses_duplicates_and_unlabelled(tmp_path, raw):
     d, e2e, _ = raw
     with pytest.raises(SystemExit, match="two results"):
@@ -268,7 +279,7 @@ def test_bench_model_records_runs(tmp_path, monkeypatch, case):
         return (0, False) if case == "complete" else (-15, True)
 
     monkeypatch.setattr(bench_e2e, "run_child", fake_child)
-    monkeypatch.setattr(bench_e2e, "environment", lambda: {"argv": ["bench_e2e.py"], "commit": None})
+    monkeypatch.setattr(bench_e2e, "environment", lambda commit=None: {"argv": ["bench_e2e.py"], "commit": None})
     res = bench_e2e.bench_model("/tmp/cfg", None, args, tmp_path)
     assert json.loads((tmp_path / "e2e_dense.json").read_text()) == json.loads(json.dumps(res))
     assert (res["label"], res["settings"]["gpu_mem"], res["settings"]["tp"], res["start_only"]) == ("70b", 0.98, 1,
@@ -404,3 +415,13 @@ def test_model_check_refuses_bad_arguments(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "smollm_check.py"), "--out",
                            str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_kernel_commit_finds_the_kernels_last_change():
+    head = scale_report.git("rev-parse", "HEAD")
+    if head is None:
+        pytest.skip("not a git checkout")
+    kc = scale_report.kernel_commit(head)  # the pathspec from the repository's top, though git runs in benchmarks/
+    assert kc and len(kc) == 40
+    changed = scale_report.git("show", "--name-only", "--format=", kc) or ""
+    assert any(f.startswith("vllm_nm16/kernels/") for f in changed.splitlines()), changed
