@@ -93,7 +93,8 @@ def measure(args) -> dict:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
     header = {"gpu": smi, "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bandwidth_Bps": bw, "bf16_matmul_flops": flops, "command": " ".join(sys.argv), **commit_record(args.commit),
+              "copy_bandwidth_Bps": bw, "bf16_matmul_flops": flops, "command": " ".join(sys.argv),
+              **commit_record(args.commit),
               "outliers_k": args.outliers_k, "outlier_block": args.outlier_block,
               "timing": "CUDA-graph replay of back-to-back calls rotating over >= 120 MB of weight copies "
                         "(weights from HBM, no launch overhead); median of 7 replays; --gluon-configs variants "
@@ -221,11 +222,14 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
 
         c = pick_config(M, N, K)
         want = {"BM": c["BM"], "outliers": row["outliers"] and not c["pre"]}
+        even_k = K % 128 == 0 and (K // 128) % c["WK"] == 0
+        even_x = even_k and (M % c["BM"] == 0 or c["xc"])  # the launcher's EVEN_X: row masks in the loop or not
         found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]
                  and v["outliers"] == want["outliers"] and (not want["outliers"] or v["outliers_in_loop"] ==
                                                              c["out_in_loop"])
                  and v.get("olanes", c["olanes"]) == c["olanes"]
-                 and (not want["outliers"] or v.get("ot", v["BM"]) == c["ot"])]
+                 and (not want["outliers"] or v.get("ot", v["BM"]) == c["ot"])
+                 and v.get("even_x", True) == even_x]
     elif row["kernel"] == "wgmma":
         from vllm_nm16.kernels.gluon_wgmma import pick_config
 

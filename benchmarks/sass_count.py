@@ -35,6 +35,19 @@ VARIANTS = {  # name: (BM, WN, WK, outliers, outliers in the loop) -- the launch
     "BM8 outliers, M=1 (ot 1)": (8, 1, 4, True, True, {"ot": 1}),
     "BM8 outliers, M=2 (ot 2)": (8, 1, 4, True, True, {"ot": 2}),
     "BM8 outliers, M=3-4 (ot 4)": (8, 1, 4, True, True, {"ot": 4}),
+    # the loop as it runs where M is not a multiple of BM (M 1-7, 9-15): x loads masked per token row (the launcher's
+    # EVEN_X is off unless config xc) -- the variants above are M = 8 / 16 or xc
+    "BM8 bare, x rows masked (M 1-7)": (8, 1, 4, False, True, {"even_x": False}),
+    "BM8 outliers, M=1 (ot 1), x rows masked": (8, 1, 4, True, True, {"ot": 1, "even_x": False}),
+    "BM8 outliers, M=2 (ot 2), x rows masked": (8, 1, 4, True, True, {"ot": 2, "even_x": False}),
+    "BM8 outliers, M=3-4 (ot 4), x rows masked": (8, 1, 4, True, True, {"ot": 4, "even_x": False}),
+    "BM8 outliers, x rows masked (M 5-7)": (8, 1, 4, True, True, {"even_x": False}),
+    "BM16 bare, x rows masked (M 9-15)": (16, 1, 8, False, False, {"even_x": False}),
+    "BM16 outliers, x rows masked (M 9-15)": (16, 1, 8, True, False, {"even_x": False}),
+    # config xc (not the default yet): rows past M re-read row M - 1, no row masks in the loop
+    "BM8 outliers, M=1 (ot 1), xc": (8, 1, 4, True, True, {"ot": 1, "xc": True}),
+    "BM8 bare, xc (M 1-7)": (8, 1, 4, False, True, {"xc": True}),
+    "BM16 outliers, xc (M 9-15)": (16, 1, 8, True, False, {"xc": True}),
 }
 
 
@@ -85,7 +98,8 @@ def _loop(sass: str) -> list[str]:
     return best
 
 
-def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnreg=None, pf=0, ot=None) -> dict:
+def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnreg=None, pf=0, ot=None,
+          even_x=True, xc=False) -> dict:
     from triton.experimental.gluon import language as gl
 
     olanes = olanes or g.outlier_lanes(BM)
@@ -93,16 +107,17 @@ def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnr
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
                 oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", pre_ptr="*fp32",
                 y_ptr="*bf16", M="i32", N="i32", K="i32", S="i32", stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16,
-                WK=WK, WN=WN, BM=BM, EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, OUT_IN_LOOP=in_loop, HAS_PRE=pre, OB=256,
+                WK=WK, WN=WN, BM=BM, EVEN_K=True, EVEN_X=even_x, HAS_OUT=has_out, OUT_IN_LOOP=in_loop, HAS_PRE=pre, OB=256,
                 OK=4,
-                OC=olanes * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False, PF=pf, OT=ot)
+                OC=olanes * WK, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False, PF=pf, OT=ot, XC=xc)
     for name, lay in zip(("mma", "a_l", "b_l", "vl", "gl4", "xl", "ol"), g.make_layouts(WK, WN, BM, olanes, ot)):
         args[name] = lay
     sig, cex, attrs = _signature(g.nm16_fragment_kernel, args)
     return _sass_stats(g.nm16_fragment_kernel, sig, cex, attrs, WK * WN, KEPT_PER_TRIP,
                        {"BM": BM, "WN": WN, "WK": WK, "outliers": has_out, "outliers_in_loop": in_loop and has_out,
                         "pre": pre, "olanes": olanes, **({"maxnreg": maxnreg} if maxnreg else {}),
-                        **({"pf": pf} if pf else {}), **({"ot": ot} if ot != BM else {})}, maxnreg)
+                        **({"pf": pf} if pf else {}), **({"ot": ot} if ot != BM else {}),
+                        **({} if even_x else {"even_x": False}), **({"xc": True} if xc else {})}, maxnreg)
 
 
 def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0) -> dict:
@@ -113,7 +128,7 @@ def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0) -> dict:
                 ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", S="i32",
                 stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
                 EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False,
-                PF=pf)
+                PF=pf, XC=False)
     for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), w.make_layouts(NW, BM)):
         args[name] = lay
     sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)

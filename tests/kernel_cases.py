@@ -101,6 +101,10 @@ GLUON_CASES = [
      dict(GLUON, BM=16, ot=1)),
     ("gluon_m2_bf16_out_ot2_bm32", 8, 16, 256, 4096, 2, "bfloat16", (256, 4), True, False, False, None,
      dict(GLUON, BM=32, WN=2, WK=4, ot=2)),
+    # x loads without row masks at M not a multiple of BM (xc: rows past M re-read row M - 1)
+    ("gluon_m3_bf16_all_xc", 8, 16, 512, 4096, 3, "bfloat16", (256, 4), True, True, True, None, dict(GLUON, xc=True)),
+    ("gluon_m13_fp16_out_xc_ktail", 8, 16, 128, 1568, 13, "float16", (224, 2), True, False, False, None,
+     dict(GLUON, xc=True)),
 ]
 # The wgmma kernel (sm_90), forced: every M class incl. several token blocks, K tails, split-K (auto and forced,
 # counters reused across cases), 4 and 8 warps, both dtypes.
@@ -123,6 +127,8 @@ WGMMA_CASES = [
      dict(WGMMA, PRE=True, SPLIT=2)),
     ("wgmma_m64_bf16_all_pre_nosplit", 8, 16, 512, 2048, 64, "bfloat16", (256, 4), True, True, True, None,
      dict(WGMMA, PRE=True, SPLIT=1)),
+    ("wgmma_m45_bf16_all_xc", 8, 16, 256, 2048, 45, "bfloat16", (256, 4), True, True, True, None,
+     dict(WGMMA, xc=True)),
 ]
 
 

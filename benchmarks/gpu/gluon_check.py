@@ -50,7 +50,7 @@ def main():
                 {"out_in_loop": False, "BM": 8}, {"BM": 32, "WN": 4, "WK": 2}, {"BM": 32, "WN": 1, "WK": 8},
                 {"pre": True}, {"pre": True, "BM": 16, "out_in_loop": True}, {"olanes": 2, "BM": 16, "WK": 8},
                 {"olanes": 1}, {"olanes": 8, "BM": 32, "WN": 2, "WK": 4}, {"maxnreg": 96}, {"pf": 4},
-                {"pf": 64, "BM": 16, "WK": 4}):
+                {"pf": 64, "BM": 16, "WK": 4}, {"xc": True}, {"xc": True, "BM": 16, "WK": 4}):
         cases.append((2048, 4096, 7, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((2048, 4096, 40, torch.bfloat16, 4, 256, True, False, False, cfg))
     # the outlier stage on fewer tokens than the block (ot < BM), in the loop (BM 8) and after it (BM 16, 32)
@@ -58,6 +58,8 @@ def main():
                    (3, {"ot": 4, "out_in_loop": False}), (4, {"ot": 4, "BM": 16, "out_in_loop": True})):
         cases.append((2048, 4096, M, torch.bfloat16, 4, 256, True, False, False, cfg))
         cases.append((1024, 14336, M, torch.float16, 4, 256, True, True, True, cfg))
+    for M in (1, 5, 11, 15):  # xc with a K tail (row masks stay for the tail step; offsets clamped)
+        cases.append((192, 1568, M, torch.bfloat16, 2, 224, True, True, True, {"xc": True}))
     if args.kernel == "wgmma":  # the wgmma kernel: every M class it serves, configs, tails, both dtypes
         cases = []
         for (N, K) in [(4096, 4096), (1024, 14336), (576, 576), (192, 1536), (64, 160)]:
@@ -69,7 +71,8 @@ def main():
             cases.append((N, K, 64, torch.bfloat16, 0, B, False, False, False, {"kernel": "wgmma"}))
         for cfg in ({"BM": 32, "NW": 4, "SPLIT": 1}, {"BM": 64, "NW": 4, "SPLIT": 3}, {"BM": 128, "NW": 8},
                     {"BM": 16, "NW": 8, "SPLIT": 5}, {"BM": 128, "NW": 4, "SPLIT": 8}, {"SPLIT": 32},
-                    {"PRE": True}, {"PRE": True, "BM": 32, "SPLIT": 3}, {"pf": 4}, {"pf": 64, "SPLIT": 4}):
+                    {"PRE": True}, {"PRE": True, "BM": 32, "SPLIT": 3}, {"pf": 4}, {"pf": 64, "SPLIT": 4},
+                    {"xc": True}, {"xc": True, "BM": 64, "SPLIT": 3}):
             cases.append((2048, 4096, 77, torch.bfloat16, 4, 256, True, False, False, dict(cfg, kernel="wgmma")))
             cases.append((2048, 4096, 200, torch.bfloat16, 0, 256, False, False, True, dict(cfg, kernel="wgmma")))
     extra = json.loads(args.extra)

@@ -225,7 +225,8 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                          BM: gl.constexpr, EVEN_K: gl.constexpr, EVEN_X: gl.constexpr,
                          HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, HAS_PRE: gl.constexpr, OB: gl.constexpr,
                          OK: gl.constexpr, OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, PF: gl.constexpr, OT: gl.constexpr, mma: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, PF: gl.constexpr, OT: gl.constexpr, XC: gl.constexpr,
+                         mma: gl.constexpr,
                          a_l: gl.constexpr,
                          b_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr,
                          ol: gl.constexpr):
@@ -251,10 +252,15 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
     # L2 prefetch PF steps ahead (PF > 0): the step's 128-byte line of values of rows g and g + 8
     pf_off = row_m * (K // 4) + w_m * 32 + t_m * 8
     # x as int32 words: token m * XS/2 + step * 64 + group * 8 + word
+    # XC: token rows past M read row M - 1 (valid memory; their results are never stored), so the loop needs no row
+    # masks (EVEN_X) when M is not a multiple of BM (config key xc)
     m_x = m0 + _ar(BM, 1, xl)
     w_x = _ar(WK, 0, xl)
     cw_x = w_x * 64 + (_ar(4, 3, xl) * 2 + _ar(2, 2, xl)) * 8 + _ar(8, 4, xl)
-    x_off = m_x * (XS // 2) + cw_x
+    if XC:
+        x_off = gl.minimum(m_x, M - 1) * (XS // 2) + cw_x
+    else:
+        x_off = m_x * (XS // 2) + cw_x
     col_x = cw_x * 2 + m_x * 0
     x_row_ok = m_x < M
     acc = gl.full([WK, R, BM], 0.0, gl.float32, layout=mma)
@@ -400,7 +406,10 @@ def pick_config(M: int, N: int, K: int) -> dict:
       54.5 us, 70B o 80.7 vs 90.2 us); else WN = 2 and the fill rule (gate_up WK = 1: 148 us; down WK = 4: 72.8 us).
     * Outliers inside the main loop for BM = 8; after it for larger BM (the in-loop stream's registers cut
       occupancy: 217 vs 156 registers at BM = 16; in-loop measured 3-15% slower there), for the first
-      :func:`outlier_tokens` tokens only (M = 1: 707 instead of 813 SASS per loop trip, 96 instead of 124 registers).
+      :func:`outlier_tokens` tokens only (M = 1, x rows masked as run: 895 instead of 975 SASS per loop trip, 128
+      instead of 167 registers; sass_h200.json).
+    * ``xc`` (off: not yet timed): no row masks on x when M is not a multiple of BM -- the masked loop at M 1-7 / 9-15
+      runs 848-1114 SASS per trip against 658-708 unmasked (M = 8 / 16, or xc).
     K steps per warp stay whole where possible (then the loop has no masks).
     """
     steps = -(-K // fr.STEP_COLS)
@@ -421,7 +430,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
     WK = 1 << (WK.bit_length() - 1)  # a power of two: the CTA's warp count must be one (K // 1024 may be 3, 5, ...)
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM),
-            "maxnreg": None, "pf": 0, "ot": outlier_tokens(M, BM)}
+            "maxnreg": None, "pf": 0, "ot": outlier_tokens(M, BM), "xc": False}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -503,6 +512,8 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
                          f"pf={cfg['pf']} (BM 8/16/32, WN * WK warps a power of two up to 32, olanes 1/2/4/8, "
                          "maxnreg None or 32-255, pf 0-64)")
     S = -(-K // fr.STEP_COLS)
+    # x loads without row masks: M fills the token blocks, or xc (rows past M re-read row M - 1, never stored)
+    xc = bool(cfg["xc"]) and M % BM != 0
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
                                 outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
@@ -516,10 +527,10 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         bias if bias is not None else dummy, pre if pre is not None else dummy, y,
         M, N, K, S, y.stride(0), NO, x2d.stride(0),
-        _ASM, DT, WK, WN, BM, even_k, even_k and M % BM == 0,
+        _ASM, DT, WK, WN, BM, even_k, even_k and (M % BM == 0 or xc),
         has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
-        OL * WK, scale is not None, shift is not None, bias is not None, int(cfg["pf"]), OT,
+        OL * WK, scale is not None, shift is not None, bias is not None, int(cfg["pf"]), OT, xc,
         *layouts(WK, WN, BM, OL, OT), num_warps=WK * WN,
         # a register cap per thread (ptxas spills past it): None = the compiler's choice; a variant under test
         **({"maxnreg": maxnreg} if maxnreg else {}))

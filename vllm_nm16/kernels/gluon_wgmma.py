@@ -148,8 +148,8 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
                       EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, HAS_PRE: gl.constexpr,
                       OB: gl.constexpr,
                       OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      PF: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr,
-                      xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr):
+                      PF: gl.constexpr, XC: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr,
+                      gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr):
     R: gl.constexpr = 16 * NW
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
@@ -169,9 +169,13 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     col_m = t_m * 32 + row_m * 0
     pf_off = row_m * (K // 4) + t_m * 8   # L2 prefetch PF steps ahead (PF > 0): a row's 128-byte line of values
     # x offsets (int32 words): token * XS/2 + step * 64 + t * 16 + tile * 8 + word
+    # XC: token rows past M read row M - 1, never stored (see gluon_nm16, config key xc)
     m_x = m0 + _ar4(BM, 0, xl)
     cw_x = _ar4(4, 2, xl) * 16 + _ar4(2, 1, xl) * 8 + _ar4(8, 3, xl)
-    x_off = m_x * (XS // 2) + cw_x
+    if XC:
+        x_off = gl.minimum(m_x, M - 1) * (XS // 2) + cw_x
+    else:
+        x_off = m_x * (XS // 2) + cw_x
     col_x = cw_x * 2 + m_x * 0
     x_row_ok = m_x < M
     # The decode's table words, loaded per thread through an offset that is 0 (N + K < 2**30, can_implement) but
@@ -334,7 +338,8 @@ def pick_config(M: int, N: int, K: int) -> dict:
     # vs 159.6 us, 8B o 24.4 vs 30.8 us; M = 32 8B qkv 32.4 vs 35.8 us, 8B o (16.8M weights) 22.7 vs 21.7 us.
     pre = M > 32 or N * K >= _SMALL_LAYER_WEIGHTS
     # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0}  # (the launcher drops SPLIT past MAX_TILES)
+    # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under test)
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False}  # (the launcher drops SPLIT past MAX_TILES)
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -377,14 +382,15 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
     even_k = K % fr.STEP_COLS == 0
+    xc = bool(cfg["xc"]) and M % BM != 0  # x loads without row masks (rows past M re-read row M - 1, never stored)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     nm16_wgmma_kernel[grid](
         x2d, x2d.view(torch.int32), values.view(torch.int32), positions.view(torch.int32), _table(x2d.device),
         outlier_values if has_out else y, outlier_index if has_out else y, scale if scale is not None else y,
         shift if shift is not None else y, bias if bias is not None else y, pre if pre is not None else y, y, ws,
         _counters(x2d.device), M, N, K, S, y.stride(0), NO, x2d.stride(0),
-        _ASM, DT, NW, BM, split, even_k, even_k and M % BM == 0,
+        _ASM, DT, NW, BM, split, even_k, even_k and (M % BM == 0 or xc),
         has_out, pre is not None, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
-        scale is not None, shift is not None, bias is not None, int(cfg["pf"]),
+        scale is not None, shift is not None, bias is not None, int(cfg["pf"]), xc,
         *layouts(NW, BM), num_warps=NW)
     return y
