@@ -144,8 +144,12 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def commit_record(given: str | None = None) -> dict:
-    """The commit a result ran on: git's answer, or ``given`` (a copy of the tree without its history, e.g. on the
-    GPU host, records the commit it was copied from; ``commit_given`` says so)."""
+    """The commit a result ran on: ``given`` (a ``--commit`` argument), else ``NM16_COMMIT``, else git's answer. A copy
+    of the tree on the GPU host records the commit it was copied from that way (``commit_given`` says so): its git
+    answers with the commit the host's session started from."""
+    from vllm_nm16 import envs
+
+    given = given or envs.NM16_COMMIT
     if given:
         return {"commit": given, "dirty": False, "commit_given": True}
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

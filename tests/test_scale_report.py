@@ -425,3 +425,12 @@ def test_kernel_commit_finds_the_kernels_last_change():
     assert kc and len(kc) == 40
     changed = scale_report.git("show", "--name-only", "--format=", kc) or ""
     assert any(f.startswith("vllm_nm16/kernels/") for f in changed.splitlines()), changed
+
+
+def test_commit_record_prefers_argument_then_nm16_commit(monkeypatch):
+    monkeypatch.setenv("NM16_COMMIT", "f" * 40)
+    assert common.commit_record("e" * 40) == {"commit": "e" * 40, "dirty": False, "commit_given": True}
+    assert common.commit_record() == {"commit": "f" * 40, "dirty": False, "commit_given": True}
+    monkeypatch.delenv("NM16_COMMIT")
+    rec = common.commit_record()
+    assert "commit_given" not in rec and rec["commit"] == common.git("rev-parse", "HEAD")

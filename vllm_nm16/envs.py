@@ -94,6 +94,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "KV-cache bytes of those `LLM()` / `vllm serve` engines (`kv_cache_memory_bytes`: skips vLLM's start-up "
            "memory profiling, which fails while another process frees GPU memory); 0 = vLLM profiles",
            "`benchmarks/gpu/smollm_check.py`"),
+    EnvVar("NM16_COMMIT", "", str,
+           "the commit a copied tree came from, recorded in result files instead of git's answer (the GPU host's copy "
+           "answers git with the commit its session started from); empty = ask git",
+           "`benchmarks/common.commit_record` (ablation.py, bench_e2e.py, bench_kernels.py, fuzz.py, load_test.py; "
+           "a `--commit` argument wins), when a result is written", default_doc="empty"),
 )
 
 _BY_NAME: dict[str, EnvVar] = {v.name: v for v in ENV_VARS}
@@ -115,6 +120,7 @@ if TYPE_CHECKING:  # attribute types for type checkers; at run time every read g
     SMOLLM_SERVE: list[str]
     SMOLLM_SERVE_DTYPE: str
     SMOLLM_KV_CACHE_BYTES: int
+    NM16_COMMIT: str
 
 
 def __getattr__(name: str) -> Any:

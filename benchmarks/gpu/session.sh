@@ -107,11 +107,10 @@ compress_cuda() {
     "import sys; from offline.cli import compress_main; sys.exit(compress_main(sys.argv[1:]))" \
     "$@" --device cuda --calib /tmp/gpudata/sotu-calib-part.txt
 }
-# NM16_COMMIT=SHA (the commit the tree was copied from) is recorded by bench_e2e.py instead of git's answer: this
-# host's copy of the tree answers git with the commit its session started from (12ef88c recorded for e4509ba)
-commit_args=()
-[ -n "${NM16_COMMIT:-}" ] && commit_args=(--commit "$NM16_COMMIT")
-dummy70=("${commit_args[@]}" --load-format dummy --skip-tokenizer-init --iters 2 --warmup 1 --output-len 128 --tp-prompts 200
+# NM16_COMMIT=SHA (the commit the tree was copied from; vllm_nm16/envs.py) is what the result files record instead of
+# git's answer: this host's copy of the tree answers git with the commit its session started from (12ef88c recorded
+# for runs of e4509ba). Set it on every call: NM16_COMMIT=SHA bash benchmarks/gpu/session.sh STEP ...
+dummy70=(--load-format dummy --skip-tokenizer-init --iters 2 --warmup 1 --output-len 128 --tp-prompts 200
          --label 70b --record-failure)
 
 step=$1; shift
@@ -231,7 +230,7 @@ e2e_dummy)
     --config-only
   [ -f /tmp/llama8b-nm16-cfg/config.json ] || python3 benchmarks/pack_random_nm16.py /tmp/llama8b-cfg \
     /tmp/llama8b-nm16-cfg --config-only --outliers "${NM16_OUTLIERS:-4/256}"
-  dummy=("${commit_args[@]}" --load-format dummy --skip-tokenizer-init --iters 3 --warmup 1 --log-dir "$OUT")
+  dummy=(--load-format dummy --skip-tokenizer-init --iters 3 --warmup 1 --log-dir "$OUT")
   python3 benchmarks/bench_e2e.py --only dense --dense /tmp/llama8b-cfg "${dummy[@]}"
   python3 benchmarks/bench_e2e.py --only nm16 --nm16 /tmp/llama8b-nm16-cfg "${dummy[@]}"
   # no --plot here (matplotlib may be absent on the host): re-run this merge with --plot on the CPU machine
