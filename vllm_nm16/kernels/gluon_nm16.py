@@ -217,7 +217,8 @@ def _outliers_post(acc_o, x_ptr, ov_ptr, oi_ptr, r_o, c_o, m_o, c_first, M, NO, 
 # constants: XS = x's row stride, ASM = the decode's PTX, DT = the activation dtype, WK / WN = warps along K / N,
 # BM = tokens per CTA, EVEN_K / EVEN_X = no masks needed on W / on x, HAS_* = which optional parts exist,
 # OUT_IN_LOOP = outliers ride along the main loop (else after it), OB = outlier block (columns), OK = outliers per
-# row and block, OC = outlier slots per chunk; mma ... ol = the distributed layouts of make_layouts.
+# row and block, OC = outlier slots per chunk, PF = L2 prefetch distance (0 = off), OT = tokens of the outlier stage,
+# XC = token rows past M read row M - 1 (no row masks); mma ... ol = the distributed layouts of make_layouts.
 @gluon.jit
 def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
                          pre_ptr, y_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
@@ -226,10 +227,8 @@ def nm16_fragment_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr,
                          HAS_OUT: gl.constexpr, OUT_IN_LOOP: gl.constexpr, HAS_PRE: gl.constexpr, OB: gl.constexpr,
                          OK: gl.constexpr, OC: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr,
                          HAS_BIAS: gl.constexpr, PF: gl.constexpr, OT: gl.constexpr, XC: gl.constexpr,
-                         mma: gl.constexpr,
-                         a_l: gl.constexpr,
-                         b_l: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr, xl: gl.constexpr,
-                         ol: gl.constexpr):
+                         mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, vl: gl.constexpr,
+                         gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr):
     R: gl.constexpr = 16 * WN
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM

@@ -338,8 +338,9 @@ def pick_config(M: int, N: int, K: int) -> dict:
     # vs 159.6 us, 8B o 24.4 vs 30.8 us; M = 32 8B qkv 32.4 vs 35.8 us, 8B o (16.8M weights) 22.7 vs 21.7 us.
     pre = M > 32 or N * K >= _SMALL_LAYER_WEIGHTS
     # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
-    # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under test)
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False}  # (the launcher drops SPLIT past MAX_TILES)
+    # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under
+    # test). (The launcher drops SPLIT past MAX_TILES.)
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False}
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
