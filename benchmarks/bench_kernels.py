@@ -218,12 +218,11 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
     this checkout); None where that variant was not compiled or the row ran another kernel."""
     M, N, K = row["M"], row["N"], row["K"]
     if row["kernel"] == "gluon":
-        from vllm_nm16.kernels.gluon_nm16 import pick_config
+        from vllm_nm16.kernels.gluon_nm16 import load_masks, pick_config
 
         c = pick_config(M, N, K)
         want = {"BM": c["BM"], "outliers": row["outliers"] and not c["pre"]}
-        even_k = K % 128 == 0 and (K // 128) % c["WK"] == 0
-        even_x = even_k and (M % c["BM"] == 0 or c["xc"])  # the launcher's EVEN_X: row masks in the loop or not
+        _, even_x, _ = load_masks(M, K, c)  # the launcher's EVEN_X: row masks in the loop or not
         found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]
                  and v["outliers"] == want["outliers"] and (not want["outliers"] or v["outliers_in_loop"] ==
                                                              c["out_in_loop"])

@@ -69,3 +69,14 @@ def test_outlier_stage_covers_every_token():
             assert (M <= OT) if M < BM else OT == BM, (M, c)
             assert (c["WK"] * c["WN"]) & (c["WK"] * c["WN"] - 1) == 0, (M, N, K, c)
     assert [outlier_tokens(M, 8) for M in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 8]
+
+
+def test_load_masks_rule():
+    """EVEN_X (no row masks on x) only where M fills the token blocks or with xc; never with a K tail."""
+    from vllm_nm16.kernels.gluon_nm16 import load_masks, pick_config
+
+    for M, xc, K, want in ((8, False, 4096, (True, True, False)), (1, False, 4096, (True, False, False)),
+                           (1, True, 4096, (True, True, True)), (16, True, 4096, (True, True, False)),
+                           (3, True, 1568, (False, False, True))):
+        c = dict(pick_config(M, 4096, K), xc=xc)
+        assert load_masks(M, K, c) == want, (M, xc, K, c)

@@ -432,6 +432,15 @@ def pick_config(M: int, N: int, K: int) -> dict:
             "maxnreg": None, "pf": 0, "ot": outlier_tokens(M, BM), "xc": False}
 
 
+def load_masks(M: int, K: int, cfg: dict) -> tuple[bool, bool, bool]:
+    """(EVEN_K, EVEN_X, XC) of a launch with config ``cfg``: W needs no K masks when every warp's K steps are whole;
+    x needs no masks either when M also fills the token blocks, or with ``xc`` (rows past M re-read row M - 1, never
+    stored). One rule for the launcher and for sass_count's lookup of the loop that ran."""
+    even_k = K % fr.STEP_COLS == 0 and (-(-K // fr.STEP_COLS)) % cfg["WK"] == 0
+    xc = bool(cfg["xc"]) and M % cfg["BM"] != 0
+    return even_k, even_k and (M % cfg["BM"] == 0 or xc), xc
+
+
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
                   positions: torch.Tensor) -> tuple[bool, str]:
     """Whether the kernel can compute this call, and why not (the dispatcher's question; M > MAX_M is allowed when a
@@ -511,14 +520,12 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
                          f"pf={cfg['pf']} (BM 8/16/32, WN * WK warps a power of two up to 32, olanes 1/2/4/8, "
                          "maxnreg None or 32-255, pf 0-64)")
     S = -(-K // fr.STEP_COLS)
-    # x loads without row masks: M fills the token blocks, or xc (rows past M re-read row M - 1, never stored)
-    xc = bool(cfg["xc"]) and M % BM != 0
+    even_k, even_x, xc = load_masks(M, K, cfg)
     has_out, pre = outlier_pass(bool(cfg["pre"]), x2d, outlier_values, outlier_index, N, outlier_block,
                                 outliers_per_block, in_features)
     DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     dummy = y
     NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
-    even_k = K % fr.STEP_COLS == 0 and S % WK == 0
     grid = (N // (16 * WN), -(-M // BM))
     nm16_fragment_kernel[grid](
         x2d, x2d.view(torch.int32), values.view(torch.int32), positions.view(torch.int32), _table(x2d.device),
@@ -526,7 +533,7 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         bias if bias is not None else dummy, pre if pre is not None else dummy, y,
         M, N, K, S, y.stride(0), NO, x2d.stride(0),
-        _ASM, DT, WK, WN, BM, even_k, even_k and (M % BM == 0 or xc),
+        _ASM, DT, WK, WN, BM, even_k, even_x,
         has_out, bool(cfg["out_in_loop"]), pre is not None, outlier_block if has_out else 1,
         outliers_per_block if has_out else 1,
         OL * WK, scale is not None, shift is not None, bias is not None, int(cfg["pf"]), OT, xc,
