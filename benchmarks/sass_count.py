@@ -86,14 +86,15 @@ def _import_kernel():
 
 
 def _loop(sass: str) -> list[str]:
-    """Opcodes of the longest backward-branch loop (the main K loop)."""
-    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
-           re.finditer(r"^\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*?);", sass, re.M)]
+    """Opcodes of the longest loop closed by a conditional backward branch (the main K loop; an unconditional one is
+    the jump back from an out-of-line mbarrier retry, which would span the epilogue)."""
+    ins = [(int(m.group(1), 16), m.group(3), m.group(4), m.group(2)) for m in
+           re.finditer(r"^\s+/\*([0-9a-f]{4})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*?);", sass, re.M)]
     best: list[str] = []
-    for addr, op, rest in ins:
-        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+    for addr, op, rest, pred in ins:
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") and pred else None
         if t and int(t.group(1), 16) < addr:
-            body = [o for a, o, _ in ins if int(t.group(1), 16) <= a <= addr]
+            body = [o for a, o, _, _ in ins if int(t.group(1), 16) <= a <= addr]
             best = max(best, body, key=len)
     return best
 
@@ -120,28 +121,40 @@ def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnr
                         **({} if even_x else {"even_x": False}), **({"xc": True} if xc else {})}, maxnreg)
 
 
-def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0) -> dict:
+def _desc(dtype: str, block: list[int], layout) -> str:
+    """A tensor descriptor argument's signature type (as the launcher's TensorDescriptor mangles)."""
+    return f"tensordesc<{dtype}{block},{layout!r}>".replace("[", "[", 1)
+
+
+def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False, stages=0) -> dict:
     from triton.experimental.gluon import language as gl
 
+    lays = w.make_layouts(NW, BM)
     args = dict(x_ptr="*bf16", xw_ptr="*i32", wv_ptr="*i32", wm_ptr="*i32", tab_ptr="*i32", ov_ptr="*bf16",
                 oi_ptr="*u8", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*bf16", pre_ptr="*fp32", y_ptr="*bf16",
-                ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", S="i32",
+                ws_ptr="*fp32", cnt_ptr="*i32", xd=None, wvd=None, wmd=None, M="i32", N="i32", K="i32", S="i32",
                 stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
                 EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False,
-                PF=pf, XC=False)
-    for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), w.make_layouts(NW, BM)):
+                PF=pf, XC=False, TMA=tma, NS=0, vl2=None, ml2=None)
+    for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), lays):
         args[name] = lay
+    if tma:
+        vl2, ml2, wv_s, wm_s = w.make_tma_layouts(NW)
+        args.update(xd=_desc("bf16", [BM, 128], lays[6]), wvd=_desc("i32", [16 * NW, 32], wv_s),
+                    wmd=_desc("i32", [16 * NW, 4], wm_s), NS=stages or w.tma_stages(NW, BM), vl2=vl2, ml2=ml2)
     sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)
     return _sass_stats(w.nm16_wgmma_kernel, sig, cex, attrs, NW, WGMMA_KEPT_PER_TRIP,
                        {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "pre": pre,
-                        **({"pf": pf} if pf else {})})
+                        **({"pf": pf} if pf else {}), **({"tma": True, "stages": args["NS"]} if tma else {})})
 
 
 def _signature(kernel, args):
     sig, cex, attrs = {}, {}, {}
     for i, p in enumerate(inspect.signature(kernel.fn).parameters):
         v = args[p]
-        if isinstance(v, str) and v.startswith("*"):
+        if isinstance(v, str) and v.startswith("tensordesc"):
+            sig[p] = v
+        elif isinstance(v, str) and v.startswith("*"):
             sig[p], attrs[(i,)] = v, [["tt.divisibility", 16]]
         elif v == "i32":
             sig[p] = "i32"

@@ -129,6 +129,20 @@ WGMMA_CASES = [
      dict(WGMMA, PRE=True, SPLIT=1)),
     ("wgmma_m45_bf16_all_xc", 8, 16, 256, 2048, 45, "bfloat16", (256, 4), True, True, True, None,
      dict(WGMMA, xc=True)),
+    # every operand through the TMA ring (x permuted by the launcher): M classes, 4 / 8 warps, split-K, stages, fp16,
+    # in-kernel outliers and PRE, a K that is not a multiple of 128 (falls back to the register-staged loop)
+    ("wgmma_m17_bf16_all_tma", 8, 16, 1024, 4096, 17, "bfloat16", (256, 4), True, True, True, None,
+     dict(WGMMA, tma=True)),
+    ("wgmma_m100_bf16_all_nw8_tma", 8, 16, 256, 2048, 100, "bfloat16", (256, 4), True, True, True, None,
+     dict(WGMMA, NW=8, SPLIT=3, tma=True)),
+    ("wgmma_m256_fp16_out_tma_stages2", 8, 16, 128, 1024, 256, "float16", (64, 1), False, False, False, None,
+     dict(WGMMA, tma=True, stages=2)),
+    ("wgmma_m64_bf16_scale_split8_tma", 8, 16, 512, 4096, 64, "bfloat16", None, True, False, False, None,
+     dict(WGMMA, SPLIT=8, tma=True)),
+    ("wgmma_m130_fp16_all_pre_tma", 8, 16, 192, 1536, 130, "float16", (192, 3), True, True, True, None,
+     dict(WGMMA, PRE=True, SPLIT=2, tma=True)),
+    ("wgmma_m33_fp16_all_k576_tma_fallback", 8, 16, 192, 576, 33, "float16", (192, 3), True, True, True, None,
+     dict(WGMMA, tma=True)),
 ]
 
 

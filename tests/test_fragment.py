@@ -80,3 +80,18 @@ def test_load_masks_rule():
                            (3, True, 1568, (False, False, True))):
         c = dict(pick_config(M, 4096, K), xc=xc)
         assert load_masks(M, K, c) == want, (M, xc, K, c)
+
+
+def test_permute_x_is_the_fragment_order():
+    """The x copy the wgmma kernel's TMA path loads: position 64 b + 32 s1 + 16 s0 + 8 h + 2 t + e of each 128-column
+    step holds column 16 (2t + b) + 2 (4 s1 + 2 s0 + h) + e (lane t's group 2t + b, decoded word j, element e), the
+    order the module docstring gives and unpack_like_kernel decodes W into."""
+    x = torch.randn(3, 384)
+    xp = fr.permute_x(x)
+    for step in range(3):
+        for b, s1, s0, h, t, e in np.ndindex(2, 2, 2, 2, 4, 2):
+            p = step * 128 + 64 * b + 32 * s1 + 16 * s0 + 8 * h + 2 * t + e
+            col = step * 128 + 16 * (2 * t + b) + 2 * (4 * s1 + 2 * s0 + h) + e
+            assert torch.equal(xp[:, p], x[:, col]), (p, col)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fr.permute_x(torch.randn(2, 96))

@@ -137,6 +137,18 @@ def run_program(prog: list[tuple], s: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- the kernel's index math
+def permute_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 128) with K permuted inside every 128-column step into the fragment order:
+    position ``64*b + 32*s1 + 16*s0 + 8*h + 2*t + e`` holds column ``16*(2t + b) + 2*(4*s1 + 2*s0 + h) + e`` (lane t's
+    group 2t + b, word j = 4 s1 + 2 s0 + h). The Gluon kernels permute x in registers; the wgmma kernel's TMA path
+    loads this copy instead (TMA moves >= 16-byte runs, the permutation 4-byte ones). One copy kernel."""
+    M, K = x.shape
+    if K % STEP_COLS:
+        raise ValueError(f"permute_x: K={K} is not a multiple of {STEP_COLS}")
+    # column = 32 t + 16 b + 8 s1 + 4 s0 + 2 h + e  ->  [M, step, t, b, s1, s0, h, e] -> [M, step, b, s1, s0, h, t, e]
+    return x.reshape(M, K // STEP_COLS, 4, 2, 2, 2, 2, 2).permute(0, 1, 3, 4, 5, 6, 2, 7).reshape(M, K)
+
+
 def unpack_like_kernel(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Dense [N, K] from on-disk 8:16 tensors, read with the Gluon kernel's offsets (per row, K step s and lane
     group slot t, tile b: values at int32 ``row*K/4 + s*32 + (2t+b)*4 + q``, the mask word at ``row*K/32 + s*4 + t``,

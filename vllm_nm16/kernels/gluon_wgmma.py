@@ -34,8 +34,9 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
-                                                                  warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from vllm_nm16.kernels import fragment as fr
 from vllm_nm16.kernels.gluon_nm16 import (_ASM, _can_run, _epilogue, _l2_prefetch, _table, _to_half, _x_at,
@@ -74,6 +75,23 @@ def make_layouts(NW: int, BM: int):
     # split-K fix-up: partials [R rows, BM tokens] fp32, rows contiguous in the workspace and in y
     fl = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2], warps_per_cta=[1, NW], order=[0, 1])
     return acc, a_l, vl, gl4, xl, ol, xs, fl
+
+
+def make_tma_layouts(NW: int):
+    """The TMA path's views of one stage of W in shared memory, as each thread reads it back: values [R, 32 words]
+    (word c = 8 t + 4 tile + q of the step: the register/lane bits of ``vl`` flattened) and masks [R, 4 words] (word
+    t: the lane bits of ``gl4``); and the two tiles' shared layouts (128-byte swizzle for the values: the 8 rows g
+    of a quarter warp read distinct 16-byte chunks; none for the 16-byte mask rows)."""
+    R = 16 * NW
+    warps = [[16 << i, 0] for i in range(_lg(NW))]
+    vl2 = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [8, 0], [0, 4]],
+                                     lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]], warp_bases=warps,
+                                     block_bases=[], shape=[R, 32])
+    ml2 = gl.DistributedLinearLayout(reg_bases=[[8, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                     warp_bases=warps, block_bases=[], shape=[R, 4])
+    wv_s = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    wm_s = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return vl2, ml2, wv_s, wm_s
 
 
 @gluon.jit
@@ -143,13 +161,14 @@ def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.co
 # acc_l ... fl = the layouts of make_layouts.
 @gluon.jit
 def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, scale_ptr, shift_ptr, bias_ptr,
-                      pre_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
+                      pre_ptr, y_ptr, ws_ptr, cnt_ptr, xd, wvd, wmd, M, N, K, S, stride_ym, NO, XS: gl.constexpr,
                       ASM: gl.constexpr, DT: gl.constexpr, NW: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
                       EVEN_K: gl.constexpr, EVEN_X: gl.constexpr, HAS_OUT: gl.constexpr, HAS_PRE: gl.constexpr,
                       OB: gl.constexpr,
                       OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
                       PF: gl.constexpr, XC: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr,
-                      gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr):
+                      gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr,
+                      TMA: gl.constexpr, NS: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
     R: gl.constexpr = 16 * NW
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
@@ -186,28 +205,32 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     tab_cl = gl.load(tab_ptr + lane0)
     tab_kk = gl.load(tab_ptr + 1 + lane0)
 
-    xs = gl.allocate_shared_memory(DT, [3, BM, 128], xs_l)
-    _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, i0, K, EVEN_X), BM, DT)
-    fence_async_shared()
-    gl.thread_barrier()
-    v, mk = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, i0, K, EVEN_K)
-    acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
-    for i in range(i0, i1):
-        # next step's W and x (past the end on the last trip: re-read the last step, unused)
-        nxt = gl.minimum(i + 1, i1 - 1)
-        if PF > 0:
-            _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + PF, i1 - 1), 1)
-        vn, mkn = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, nxt, K, EVEN_K)
-        xn = _load_x(xw_ptr, x_off, col_x, x_row_ok, nxt, K, EVEN_X)
-        a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        acc = warpgroup_mma(a, xs.index((i - i0) % 3).permute((1, 0)), acc, is_async=True)
-        _stage_x(xs.index((i - i0 + 1) % 3), xn, BM, DT)
+    if TMA:
+        acc = _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl, gl4,
+                             xs_l, vl2, ml2)
+    else:
+        xs = gl.allocate_shared_memory(DT, [3, BM, 128], xs_l)
+        _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, i0, K, EVEN_X), BM, DT)
         fence_async_shared()
         gl.thread_barrier()
-        v = vn
-        mk = mkn
-    acc = warpgroup_mma_wait(0, deps=[acc])
+        v, mk = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, i0, K, EVEN_K)
+        acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
+        for i in range(i0, i1):
+            # next step's W and x (past the end on the last trip: re-read the last step, unused)
+            nxt = gl.minimum(i + 1, i1 - 1)
+            if PF > 0:
+                _l2_prefetch(wv_ptr, pf_off, gl.minimum(i + PF, i1 - 1), 1)
+            vn, mkn = _load_w(wv_ptr, wm_ptr, v_off, m_off, col_v, col_m, nxt, K, EVEN_K)
+            xn = _load_x(xw_ptr, x_off, col_x, x_row_ok, nxt, K, EVEN_X)
+            a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            acc = warpgroup_mma(a, xs.index((i - i0) % 3).permute((1, 0)), acc, is_async=True)
+            _stage_x(xs.index((i - i0 + 1) % 3), xn, BM, DT)
+            fence_async_shared()
+            gl.thread_barrier()
+            v = vn
+            mk = mkn
+        acc = warpgroup_mma_wait(0, deps=[acc])
 
     rows = rb * R + gl.arange(0, R, layout=gl.SliceLayout(1, acc_l))
     if HAS_SCALE:
@@ -278,6 +301,55 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
 
 
 @gluon.jit
+def _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, s, i, pred, m0, r0, NBYTES: gl.constexpr):
+    """Ask the TMA unit for K step ``i`` into stage ``s``: the x tile [BM, 128] (rows past M read as zeros) and this
+    CTA's W values [R, 32 words] and masks [R, 4 words]; ``bars[s]`` completes when all NBYTES have landed."""
+    bar = bars.index(s)
+    mbarrier.expect(bar, NBYTES, pred=pred)
+    tma.async_copy_global_to_shared(xd, [m0, i * 128], bar, xs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(wvd, [r0, i * 32], bar, wvs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(wmd, [r0, i * 4], bar, wms.index(s), pred=pred)
+
+
+@gluon.jit
+def _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr,
+                   BM: gl.constexpr, DT: gl.constexpr, NS: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                   vl: gl.constexpr, gl4: gl.constexpr, xs_l: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+    """K steps [i0, i1) with every operand brought by TMA into an NS-stage ring (x pre-permuted to the fragments' K
+    order by the launcher): NS - 1 steps are in flight while a step is decoded from shared memory and multiplied, and
+    no register holds a prefetched operand. Stage (j - 1) % NS is refilled once every warp has passed the wait for
+    wgmma j - 1 (its last reader) -- the one CTA barrier of a step."""
+    xs = gl.allocate_shared_memory(DT, [NS, BM, 128], xs_l)
+    wvs = gl.allocate_shared_memory(gl.int32, [NS, R, 32], wvd.layout)
+    wms = gl.allocate_shared_memory(gl.int32, [NS, R, 4], wmd.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(NS):
+        mbarrier.init(bars.index(q), count=1)
+    fence_async_shared()
+    NBYTES: gl.constexpr = BM * 128 * 2 + R * 32 * 4 + R * 4 * 4
+    for q in gl.static_range(NS - 1):
+        _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, q, i0 + q, i0 + q < i1, m0, r0, NBYTES)
+    ml: gl.constexpr = gl.SliceLayout(1, gl4)
+    acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
+    for i in range(i0, i1):
+        j = i - i0
+        s = j % NS
+        mbarrier.wait(bars.index(s), (j // NS) & 1)
+        v2 = wvs.index(s).load(vl2)                                   # [R, 32]: word 8 t + 4 tile + q
+        v = gl.convert_layout(gl.permute(gl.reshape(v2, [R, 4, 2, 4]), [0, 2, 1, 3]), vl, assert_trivial=True)
+        mk = gl.convert_layout(wms.index(s).load(ml2), ml, assert_trivial=True)
+        a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, is_async=True)
+        gl.thread_barrier()
+        _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, (j + NS - 1) % NS, i + NS - 1, i + NS - 1 < i1, m0, r0, NBYTES)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    for q in gl.static_range(NS):
+        mbarrier.invalidate(bars.index(q))
+    return acc
+
+
+@gluon.jit
 def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS: gl.constexpr,
                OB: gl.constexpr, OK: gl.constexpr):
     """One chunk of outlier slots [R, OC] (0 past s_hi or outside the CTA's columns) and x at their columns
@@ -314,6 +386,12 @@ def layouts(NW: int, BM: int):
     return _LAYOUTS[(NW, BM)]
 
 
+def tma_layouts(NW: int):
+    if ("tma", NW) not in _LAYOUTS:
+        _LAYOUTS[("tma", NW)] = make_tma_layouts(NW)
+    return _LAYOUTS[("tma", NW)]
+
+
 # CTAs the chip should have at once: 132 SMs x 2 (the launch shapes below hold ~150 registers per thread, 2-3
 # CTAs of 4 warps per SM).
 _CTAS_TO_FILL = 132 * 2
@@ -340,7 +418,21 @@ def pick_config(M: int, N: int, K: int) -> dict:
     # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
     # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under
     # test). (The launcher drops SPLIT past MAX_TILES.)
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False}
+    # tma: every operand through a TMA ring of ``stages`` K steps (x permuted first; K % 128 == 0), a variant under
+    # test -- the register-staged loop holds the next step's x (BM / 2 registers per thread: 243 registers at BM = 128,
+    # one CTA of 4 warps per SM) and only one step of W in flight
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": False, "stages": 0}
+
+
+# Shared memory the TMA ring may take per CTA: two CTAs per SM (of the H200's 228 KB; the outlier stage adds R x BM
+# fp32), so that while one CTA decodes the other's loads are in flight.
+_TMA_RING_BYTES = 110 * 1024
+
+
+def tma_stages(NW: int, BM: int) -> int:
+    """K steps in the TMA ring (config ``stages`` 0): as many as fit _TMA_RING_BYTES, 2 to 6."""
+    per_stage = BM * 128 * 2 + 16 * NW * (32 + 4) * 4
+    return max(2, min(6, _TMA_RING_BYTES // per_stage))
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -385,13 +477,25 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     even_k = K % fr.STEP_COLS == 0
     xc = bool(cfg["xc"]) and M % BM != 0  # x loads without row masks (rows past M re-read row M - 1, never stored)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
+    use_tma = bool(cfg["tma"]) and K % fr.STEP_COLS == 0
+    descs, NS, tma_l = (None, None, None), 0, (None, None)
+    if use_tma:
+        NS = int(cfg["stages"]) or tma_stages(NW, BM)
+        if not 2 <= NS <= 8:
+            raise ValueError(f"nm16 wgmma kernel: stages={NS} (2-8)")
+        vl2, ml2, wv_s, wm_s = tma_layouts(NW)
+        R = 16 * NW
+        descs = (TensorDescriptor.from_tensor(fr.permute_x(x2d), [BM, fr.STEP_COLS], layouts(NW, BM)[6]),
+                 TensorDescriptor.from_tensor(values.view(torch.int32), [R, 32], wv_s),
+                 TensorDescriptor.from_tensor(positions.view(torch.int32), [R, 4], wm_s))
+        tma_l = (vl2, ml2)
     nm16_wgmma_kernel[grid](
         x2d, x2d.view(torch.int32), values.view(torch.int32), positions.view(torch.int32), _table(x2d.device),
         outlier_values if has_out else y, outlier_index if has_out else y, scale if scale is not None else y,
         shift if shift is not None else y, bias if bias is not None else y, pre if pre is not None else y, y, ws,
-        _counters(x2d.device), M, N, K, S, y.stride(0), NO, x2d.stride(0),
+        _counters(x2d.device), *descs, M, N, K, S, y.stride(0), NO, x2d.stride(0),
         _ASM, DT, NW, BM, split, even_k, even_k and (M % BM == 0 or xc),
         has_out, pre is not None, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         scale is not None, shift is not None, bias is not None, int(cfg["pf"]), xc,
-        *layouts(NW, BM), num_warps=NW)
+        *layouts(NW, BM), use_tma, NS, *tma_l, num_warps=NW)
     return y
