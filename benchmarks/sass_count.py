@@ -51,11 +51,17 @@ VARIANTS = {  # name: (BM, WN, WK, outliers, outliers in the loop) -- the launch
 }
 
 
-WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT) -- gluon_wgmma.pick_config's shapes; one trip = one K step
+WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT[, pre[, K, pf, tma]]) -- gluon_wgmma.pick_config's shapes; one
+    # trip = one K step
     "wgmma BM32 bare": (4, 32, False, 1), "wgmma BM32 outliers": (4, 32, True, 3),
     "wgmma BM64 bare": (4, 64, False, 1), "wgmma BM64 outliers": (4, 64, True, 4),
     "wgmma BM64 NW8 outliers": (8, 64, True, 1), "wgmma BM128 bare": (4, 128, False, 2),
     "wgmma BM64 NW8 pre": (8, 64, False, 1, True), "wgmma BM128 NW8 bare": (8, 128, False, 1),
+    # the TMA ring (config tma): x and W from shared memory, no prefetch registers
+    "wgmma tma BM32 bare": (4, 32, False, 3, False, 4096, 0, True),
+    "wgmma tma BM32 outliers": (4, 32, True, 3, False, 4096, 0, True),
+    "wgmma tma BM64 pre": (4, 64, False, 2, True, 4096, 0, True),
+    "wgmma tma BM128 pre": (4, 128, False, 2, True, 4096, 0, True),
 }
 WGMMA_KEPT_PER_TRIP = 32  # 2 rows x 2 groups x 8 kept values per thread and K step
 

@@ -399,18 +399,37 @@ _SMALL_LAYER_WEIGHTS = 24 * 2**20  # below: a small layer (8B o 16.8M weights; 8
 MAX_TILES = 1 << 16  # split-K counters per device (one per output tile of a call)
 
 
-def pick_config(M: int, N: int, K: int) -> dict:
-    """Launch shape by M class (H200 sweep: benchmarks/results/raw/h200/wg_bench_*.json): BM (tokens per CTA, the
-    wgmma N) = the smallest of 32 / 64 / 128 that holds M (larger M: several token blocks); NW warps (16 rows each);
-    SPLIT = CTAs per tile along K so that tiles x SPLIT CTAs fill the chip (at least 4 K steps each): without it
-    4096-row layers ran 32-64 CTAs on 132 SMs (8B o M = 32: 0.33x cuBLAS, 0.99x with SPLIT = 4)."""
+def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
+    """Launch shape by M class: BM (tokens per CTA, the wgmma N) = the smallest of 32 / 64 / 128 that holds M (larger
+    M: several token blocks); the loop -- ``tma`` (None: :func:`use_tma`; a caller may force either) -- and, for that
+    loop, NW warps (16 rows each), SPLIT (CTAs per tile along K) and the ring's ``stages``.
+
+    * TMA ring (H200, raw/h200/tma_variants.json, every Llama-3 8B / 70B shape, same run): M = 64 0.80-1.02x the
+      register-staged loop's time with outliers + scale (bare 0.71-0.94x), M = 128 0.65-0.97x (bare 0.58-0.97x); M =
+      32 0.81-0.93x on layers of >= 32M weights, 1.03-1.14x on the smaller ones (the permute of x is one more
+      launch). 4 warps: 8 measured slower at every M (1.04-1.45x, the ring then holds 2 stages). SPLIT: whole waves
+      (:func:`wave_split`) -- ncu on 8B qkv M = 128 with the fill rule's SPLIT = 3: 288 CTAs on 264 slots, SMs active
+      56% of the time.
+    * Register-staged loop (K not a multiple of 128, small layers at M <= 32): H200 sweep
+      (benchmarks/results/raw/h200/wg_bench_*.json): NW = 8 where that leaves ~200 tiles (8B gate_up M = 64 0.42x
+      vs 0.35x cuBLAS with 4 warps); SPLIT so that tiles x SPLIT fill the chip (8B o M = 32: 0.33x cuBLAS with SPLIT
+      = 1, 0.99x with 4).
+    """
     BM = 32 if M <= 32 else 64 if M <= 64 else 128
-    # 8 warps (128-row tiles, x staged once for twice the rows) where that still leaves ~200 tiles: 8B gate_up M = 64
-    # 0.42x vs 0.35x cuBLAS with 4 warps; 4 warps elsewhere (8B down M = 64: 0.42x vs 0.37x with 8)
-    NW = 8 if BM >= 64 and N % 128 == 0 and (N // 128) * -(-M // BM) >= 200 else 4
-    tiles = (N // (16 * NW)) * -(-M // BM)
     steps = -(-K // fr.STEP_COLS)
-    split = max(1, min(steps // 4, round(_CTAS_TO_FILL / tiles)))
+    blocks = -(-M // BM)
+    if tma is None:
+        tma = use_tma(BM, N, K)
+    if tma:
+        NW = 4
+        stages = tma_stages(NW, BM)
+        per_sm = min(2 if BM == 128 else 8, _SMEM_PER_SM // (stages * _stage_bytes(NW, BM) + 2048))
+        split = wave_split((N // (16 * NW)) * blocks, steps, _SMS * per_sm)
+    else:
+        # 8 warps (128-row tiles, x staged once for twice the rows) where that still leaves ~200 tiles
+        NW = 8 if BM >= 64 and N % 128 == 0 and (N // 128) * blocks >= 200 else 4
+        split = max(1, min(steps // 4, round(_CTAS_TO_FILL / ((N // (16 * NW)) * blocks))))
+        stages = 0
     # Outliers as their own pass first (outliers.py), except on small layers at M <= 32, where the pass's fixed cost
     # (two more launches) outweighs it. H200, kernels_h200.json (same run, PRE vs in-kernel): M = 64 8B gate_up 102.3
     # vs 159.6 us, 8B o 24.4 vs 30.8 us; M = 32 8B qkv 32.4 vs 35.8 us, 8B o (16.8M weights) 22.7 vs 21.7 us.
@@ -418,21 +437,43 @@ def pick_config(M: int, N: int, K: int) -> dict:
     # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
     # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under
     # test). (The launcher drops SPLIT past MAX_TILES.)
-    # tma: every operand through a TMA ring of ``stages`` K steps (x permuted first; K % 128 == 0), a variant under
-    # test -- the register-staged loop holds the next step's x (BM / 2 registers per thread: 243 registers at BM = 128,
-    # one CTA of 4 warps per SM) and only one step of W in flight
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": False, "stages": 0}
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": tma, "stages": stages}
 
 
-# Shared memory the TMA ring may take per CTA: two CTAs per SM (of the H200's 228 KB; the outlier stage adds R x BM
-# fp32), so that while one CTA decodes the other's loads are in flight.
+_SMS = 132                   # the H200's SMs
+_SMEM_PER_SM = 228 * 1024    # shared memory per SM (227 KB per block at most)
+# Shared memory the TMA ring may take per CTA: two CTAs per SM, so that while one CTA decodes the other's loads are in
+# flight.
 _TMA_RING_BYTES = 110 * 1024
+# Smallest layer (N * K weights) for which the TMA ring runs at BM = 32 (8B qkv 25.2M: 1.03x the register-staged
+# loop's time, 8B gate_up 117M: 0.93x; tma_variants.json)
+_TMA_MIN_WEIGHTS_BM32 = 32 * 2**20
+
+
+def use_tma(BM: int, N: int, K: int) -> bool:
+    """Whether the TMA ring runs by default: K a multiple of 128 (whole K steps), from BM = 64 on, or at BM = 32 on
+    layers of >= _TMA_MIN_WEIGHTS_BM32 weights."""
+    return K % fr.STEP_COLS == 0 and (BM >= 64 or N * K >= _TMA_MIN_WEIGHTS_BM32)
+
+
+def _stage_bytes(NW: int, BM: int) -> int:
+    """One K step in the ring: the x tile [BM, 128] (2 B each) and the CTA's W values + masks (36 words per row)."""
+    return BM * 128 * 2 + 16 * NW * (32 + 4) * 4
 
 
 def tma_stages(NW: int, BM: int) -> int:
-    """K steps in the TMA ring (config ``stages`` 0): as many as fit _TMA_RING_BYTES, 2 to 6."""
-    per_stage = BM * 128 * 2 + 16 * NW * (32 + 4) * 4
-    return max(2, min(6, _TMA_RING_BYTES // per_stage))
+    """K steps in the TMA ring (config ``stages`` 0): as many as fit _TMA_RING_BYTES, 2 to 4 (BM 32: 4 stages
+    measured at or below 6 stages' time on 6 of the 7 Llama-3 shapes, tma_variants.json)."""
+    return max(2, min(4, _TMA_RING_BYTES // _stage_bytes(NW, BM)))
+
+
+def wave_split(tiles: int, steps: int, slots: int) -> int:
+    """CTAs per tile along K: the SPLIT (1 .. steps // 8: >= 8 K steps per CTA keep the ring busy) whose CTAs run in
+    the fewest step-times -- ceil(tiles * SPLIT / slots) waves of ceil(steps / SPLIT) steps -- the smallest SPLIT
+    within 5% of the best (each more split adds a partial sum to the fix-up)."""
+    cost = {sp: -(-tiles * sp // slots) * -(-steps // sp) for sp in range(1, max(1, steps // 8) + 1)}
+    best = min(cost.values())
+    return min(sp for sp, c in cost.items() if c <= best * 1.05)
 
 
 def can_implement(M: int, N: int, K: int, n: int, m: int, x: torch.Tensor, values: torch.Tensor,
@@ -462,7 +503,7 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     x2d, y = launch_inputs("wgmma", can, x2d, values, positions, N, out)
     if M == 0:
         return y
-    cfg = pick_config(M, N, K)
+    cfg = pick_config(M, N, K, tma=(config or {}).get("tma"))
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, NW = cfg["BM"], cfg["NW"]
     S = -(-K // fr.STEP_COLS)
