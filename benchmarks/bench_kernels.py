@@ -220,7 +220,7 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
     if row["kernel"] == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import load_masks, pick_config
 
-        c = pick_config(M, N, K)
+        c = pick_config(M, N, K, has_outliers=row["outliers"])
         want = {"BM": c["BM"], "outliers": row["outliers"] and not c["pre"]}
         _, even_x, _ = load_masks(M, K, c)  # the launcher's EVEN_X: row masks in the loop or not
         found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]

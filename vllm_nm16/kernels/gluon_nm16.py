@@ -389,7 +389,7 @@ def _fill_warps(ctas: int, per_cta: int, max_wk: int) -> int:
     return next((wk for wk in (1, 2, 4, 8) if wk <= max_wk and ctas * wk * per_cta >= _WARPS_TO_FILL), max_wk)
 
 
-def pick_config(M: int, N: int, K: int) -> dict:
+def pick_config(M: int, N: int, K: int, has_outliers: bool = True) -> dict:
     """Launch shape by M class, measured on the H200 (benchmarks/results/gluon_sweep_h200.json: 8B qkv, gate_up, down
     and 70B o at M = 1, 8, 16, 32, 64 with outliers + scale, defaults and variants; kernels_h200.json):
 
@@ -407,8 +407,11 @@ def pick_config(M: int, N: int, K: int) -> dict:
       occupancy: 217 vs 156 registers at BM = 16; in-loop measured 3-15% slower there), for the first
       :func:`outlier_tokens` tokens only (M = 1, x rows masked as run: 895 instead of 975 SASS per loop trip, 128
       instead of 167 registers; sass_h200.json).
-    * ``xc`` (off: not yet timed): no row masks on x when M is not a multiple of BM -- the masked loop at M 1-7 / 9-15
-      runs 848-1114 SASS per trip against 658-708 unmasked (M = 8 / 16, or xc).
+    * ``xc`` at BM = 8 on layers with outliers: no row masks on x when M is not a multiple of BM (token rows past M
+      re-read row M - 1) -- the masked loop at M = 1 ran 895 SASS per trip and 128 registers, against 707 and 96
+      (sass_h200.json). H200, every Llama-3 shape, two runs (kernels_h200.json on 6147ef3, and on e2a2ab2), xc / masked
+      time with outliers + scale: M = 1 0.85-0.95, M = 2 0.84-1.11, M = 4 0.75-1.05 (geomean 0.91); bare 8:16 it was
+      mixed (0.77-1.16: 8B down lost at every M), so bare layers keep the masks. Not timed at BM = 16 (M 9-15): off.
     K steps per warp stay whole where possible (then the loop has no masks).
     """
     steps = -(-K // fr.STEP_COLS)
@@ -429,7 +432,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
     WK = fits[0] if fits and fits[0] * 2 >= WK else WK if steps >= 2 * WK else max(1, min(WK, steps // 2))
     WK = 1 << (WK.bit_length() - 1)  # a power of two: the CTA's warp count must be one (K // 1024 may be 3, 5, ...)
     return {"BM": BM, "WN": WN, "WK": WK, "out_in_loop": BM == 8, "pre": False, "olanes": outlier_lanes(BM),
-            "maxnreg": None, "pf": 0, "ot": outlier_tokens(M, BM), "xc": False}
+            "maxnreg": None, "pf": 0, "ot": outlier_tokens(M, BM), "xc": BM == 8 and has_outliers}
 
 
 def load_masks(M: int, K: int, cfg: dict) -> tuple[bool, bool, bool]:
@@ -506,7 +509,7 @@ def fragment_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Te
     x2d, y = launch_inputs("Gluon", _can_run(N, K, 8, 16, x2d, values, positions), x2d, values, positions, N, out)
     if M == 0:
         return y
-    cfg = pick_config(M, N, K)
+    cfg = pick_config(M, N, K, has_outliers=bool(outliers_per_block))
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, WN, WK, OL = cfg["BM"], cfg["WN"], cfg["WK"], cfg["olanes"]
     maxnreg = cfg["maxnreg"]
