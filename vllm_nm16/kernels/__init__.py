@@ -5,8 +5,8 @@ Importing this package is cheap and needs neither CUDA nor Triton: the Triton mo
 * :func:`repack` -- once per layer (``process_weights_after_loading``): on-disk tensors -> the kernels' layout.
 * :func:`nm16_linear` -- ``y = scale * (x @ W_nm.T) + x @ W_out.T + shift + bias`` for x [M, K] bf16/fp16, fp32
   accumulation. :func:`choose_config` picks the kernel from ``x.shape[0]`` (a Python int): the Gluon fragment kernels
-  (8:16: gluon_nm16.py mma_v2 at M <= 16, gluon_wgmma.py wgmma at M 17..128 on sm_90, whose outliers run first as
-  their own pass, outliers.py, except on small layers at M <= 32), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
+  (8:16: gluon_nm16.py mma_v2 at M <= 16, gluon_wgmma.py wgmma at M 17..128 on sm_90 -- 17..256 on layers without
+  outliers -- whose outliers run first as their own pass, outliers.py, except on small layers at M <= 32), the Triton gemv / tile-decode kernels (triton_nm16.py; other N:M, fp32, M = 1 on
   small layers) or decode-to-scratch + cuBLAS (scratch.py, large M). All are CUDA-graph and torch.compile safe (no host syncs, no data-dependent shapes,
   output from ``torch.empty``; the wgmma kernel's split-K counters are made before capture and reset by the kernel).
 """
@@ -30,8 +30,8 @@ def nm16_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     the tuned launch config and ``out`` (contiguous [M, out_features]) is written instead of a fresh tensor (tests
     poison it); ``allow_gluon=False`` keeps the call on the Triton kernels (the ``triton`` backend)."""
     cfg = config if config and "kernel" in config else \
-        choose_config(x2d, values, positions, n=n, m=m, out_features=out_features, outlier_block=outlier_block,
-                      allow_gluon=allow_gluon)
+        choose_config(x2d, values, positions, n=n, m=m, out_features=out_features,
+                      outlier_block=outlier_block if outliers_per_block else None, allow_gluon=allow_gluon)
     if cfg["kernel"] == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import fragment_linear  # noqa: PLC0415  (lazy: Triton import)
 
@@ -75,7 +75,8 @@ def choose_config(x2d, values, positions, *, n: int, m: int, out_features: int, 
     from vllm_nm16.kernels.configs import pick_config  # noqa: PLC0415
 
     M, K = x2d.shape
-    if allow_gluon and wgmma_choice(x2d, values, positions, n=n, m=m, out_features=out_features):
+    if allow_gluon and wgmma_choice(x2d, values, positions, n=n, m=m, out_features=out_features,
+                                    has_outliers=bool(outlier_block)):
         return {"kernel": "wgmma"}
     if allow_gluon and gluon_choice(x2d, values, positions, n=n, m=m, out_features=out_features):
         return {"kernel": "gluon"}
@@ -98,14 +99,17 @@ def gluon_choice(x2d, values, positions, *, n: int, m: int, out_features: int) -
 # The wgmma kernel (gluon_wgmma.py, sm_90) runs M = WGMMA_MIN_M..WGMMA_MAX_M tokens. H200: bare 8:16 it beat the
 # scratch path up to M = 128 (0.39-0.62x vs 0.31-0.38x cuBLAS, benchmarks/results/raw/h200/wg_bench_*.json); with
 # outliers 4/256 + scale it did so only up to M = 64 while it computed the outliers itself, and up to M = 128 (on 6 of
-# the 7 Llama-3 shapes, equal on 8B o) once they ran as their own pass (raw/h200/pre_variants_v1.json).
-WGMMA_MIN_M, WGMMA_MAX_M = 17, 128
+# the 7 Llama-3 shapes, equal on 8B o) once they ran as their own pass (raw/h200/pre_variants_v1.json). With the TMA
+# ring (kernels_h200.json on 6147ef3, M = 256, interleaved with the scratch path): bare 8:16 0.69-0.92x the scratch
+# path's time on every Llama-3 shape, so layers without outliers take it up to WGMMA_MAX_M_BARE; with outliers 4/256
+# + scale 0.93-1.20x (the outlier pass costs what the loop gains): they stay on the scratch path there.
+WGMMA_MIN_M, WGMMA_MAX_M, WGMMA_MAX_M_BARE = 17, 128, 256
 
 
-def wgmma_choice(x2d, values, positions, *, n: int, m: int, out_features: int) -> bool:
-    """Whether the wgmma kernel runs this call (it can, and M is in its range)."""
+def wgmma_choice(x2d, values, positions, *, n: int, m: int, out_features: int, has_outliers: bool = True) -> bool:
+    """Whether the wgmma kernel runs this call (it can, and M is in its range for a layer with / without outliers)."""
     M = x2d.shape[0]
-    if not x2d.is_cuda or not WGMMA_MIN_M <= M <= WGMMA_MAX_M:
+    if not x2d.is_cuda or not WGMMA_MIN_M <= M <= (WGMMA_MAX_M if has_outliers else WGMMA_MAX_M_BARE):
         return False
     from vllm_nm16.kernels.gluon_wgmma import can_implement  # noqa: PLC0415
 
