@@ -404,10 +404,11 @@ def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
     M: several token blocks); the loop -- ``tma`` (None: :func:`use_tma`; a caller may force either) -- and, for that
     loop, NW warps (16 rows each), SPLIT (CTAs per tile along K) and the ring's ``stages``.
 
-    * TMA ring (H200, raw/h200/tma_variants.json, every Llama-3 8B / 70B shape, same run): M = 64 0.80-1.02x the
-      register-staged loop's time with outliers + scale (bare 0.71-0.94x), M = 128 0.65-0.97x (bare 0.58-0.97x); M =
-      32 0.81-0.93x on layers of >= 32M weights, 1.03-1.14x on the smaller ones (the permute of x is one more
-      launch). 4 warps: 8 measured slower at every M (1.04-1.45x, the ring then holds 2 stages). SPLIT: whole waves
+    * TMA ring (H200, every Llama-3 8B / 70B shape, interleaved in one run: kernels_h200.json on 6147ef3): the
+      register-staged loop took 1.05-1.46x the ring's time at M = 128, 1.01-1.26x at M = 64, 1.11-1.25x at M = 32 on
+      the layers of >= 32M weights (bare 1.10-1.67x, 1.09-1.47x, 1.21-1.47x). Below 32M weights at M <= 32 the ring
+      measured 1.03-1.14x the old loop's time (raw/h200/tma_variants.json: the permute of x is one more launch). 4
+      warps: 8 measured 0.97-1.24x their time at M 64-256 (slower on 20 of 21 shapes x M). SPLIT: whole waves
       (:func:`wave_split`) -- ncu on 8B qkv M = 128 with the fill rule's SPLIT = 3: 288 CTAs on 264 slots, SMs active
       56% of the time.
     * Register-staged loop (K not a multiple of 128, small layers at M <= 32): H200 sweep
@@ -476,7 +477,8 @@ def wave_split(tiles: int, steps: int, slots: int) -> int:
     the fewest step-times -- ceil(tiles * SPLIT / slots) waves of ceil(steps / SPLIT) + _RING_FILL_STEPS each -- the
     smallest SPLIT within 5% of the best (each more split adds a partial sum to the fix-up). Without the fill term,
     8B gate_up M = 64 / 128 took SPLIT 4: 108.7 / 177.2 us against 96.5 / 164.7 us with SPLIT 1 (H200)."""
-    cost = {sp: -(-tiles * sp // slots) * (-(-steps // sp) + _RING_FILL_STEPS) for sp in range(1, max(1, steps // 8) + 1)}
+    cost = {sp: -(-tiles * sp // slots) * (-(-steps // sp) + _RING_FILL_STEPS)
+            for sp in range(1, max(1, steps // 8) + 1)}
     best = min(cost.values())
     return min(sp for sp, c in cost.items() if c <= best * 1.05)
 
