@@ -65,6 +65,20 @@ def kernel_name(N: int, K: int, M: int, B: int | None) -> str:
     return choose_config(x, wv, wm, n=8, m=16, out_features=N, outlier_block=B)["kernel"]  # B None: no outliers
 
 
+def launch_config(kernel: str, M: int, N: int, K: int, with_out: bool) -> dict | None:
+    """The Gluon kernels' launch config for this call as this checkout picks it (recorded per row, so that a table made
+    later from the JSON -- SASS per kept value -- describes the loop that ran, not a later checkout's choice)."""
+    if kernel == "gluon":
+        from vllm_nm16.kernels.gluon_nm16 import pick_config as gluon_pick
+
+        return gluon_pick(M, N, K, has_outliers=with_out)
+    if kernel == "wgmma":
+        from vllm_nm16.kernels.gluon_wgmma import pick_config as wgmma_pick
+
+        return wgmma_pick(M, N, K)
+    return None
+
+
 def measure(args) -> dict:
     import torch
     import torch.nn.functional as F
@@ -180,6 +194,7 @@ def measure(args) -> dict:
                                                          2 * M * N * K / flops) * 1e6 / dense_us,
                          "outliers": with_out, "scale": with_out, "kernel": kname if with_out else kname_bare,
                          "config": {"kernel": kname} if kname in ("gluon", "wgmma") else cfg,
+                         "launch": launch_config(kname if with_out else kname_bare, M, N, K, with_out),
                          "weight_copies": len(fulls)})
         variants = variants_at(M)
         if variants:
@@ -220,7 +235,8 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
     if row["kernel"] == "gluon":
         from vllm_nm16.kernels.gluon_nm16 import load_masks, pick_config
 
-        c = pick_config(M, N, K, has_outliers=row["outliers"])
+        # the config the run recorded (rows from before 'launch' was recorded: this checkout's choice)
+        c = row.get("launch") or pick_config(M, N, K, has_outliers=row["outliers"])
         want = {"BM": c["BM"], "outliers": row["outliers"] and not c["pre"]}
         _, even_x, _ = load_masks(M, K, c)  # the launcher's EVEN_X: row masks in the loop or not
         found = [v for v in variants.values() if v.get("kernel", "gluon") == "gluon" and v["BM"] == want["BM"]
@@ -232,7 +248,7 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
     elif row["kernel"] == "wgmma":
         from vllm_nm16.kernels.gluon_wgmma import pick_config
 
-        c = pick_config(M, N, K)
+        c = row.get("launch") or pick_config(M, N, K)
         found = [v for v in variants.values() if v.get("kernel") == "wgmma" and v["BM"] == c["BM"]
                  and v["NW"] == c["NW"] and v["outliers"] == (row["outliers"] and not c["PRE"])
                  and v.get("tma", False) == c["tma"]]
