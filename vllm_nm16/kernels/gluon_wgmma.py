@@ -18,6 +18,13 @@ Per K step (128 columns):
   while the warps decode step i + 1. Three x buffers make one CTA barrier per step enough: buffer (i + 1) % 3 was
   last read by the wgmma of step i - 2, which every warpgroup waited for before the previous step's barrier.
 
+That is the register-staged loop. The default where K is a multiple of 128 (config ``tma``, :func:`use_tma`) is the
+TMA ring (:func:`_main_loop_tma`): the launcher permutes x once into the fragments' K order (fragment.permute_x), and
+per K step one thread asks the TMA unit for the x tile and the CTA's packed W values and masks, 1-3 steps ahead, into
+a ring of 2-4 stages in shared memory (one mbarrier per stage; rows past M arrive as zeros). The warps read their W
+words back in the decode's register layout, decode and issue the wgmma; nothing prefetched sits in registers (389
+SASS per step, 79-176 registers against 126-255), so two CTAs share an SM with 1-3 steps of loads in flight each.
+
 Split-K across CTAs (grid dim 2, ``SPLIT``): each CTA takes a contiguous range of K steps, so a layer with few 64-row
 tiles still fills the chip; the CTAs of a tile meet in an fp32 workspace and the last one to finish (a per-tile
 counter) sums the partials in a fixed order, writes y and resets the counter.
@@ -424,6 +431,8 @@ def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
     if tma:
         NW = 4
         stages = tma_stages(NW, BM)
+        # CTAs per SM: the shared memory the ring leaves; at BM 128 also the registers (176-244 per thread as the
+        # H200 host compiles it, benchmarks/gpu/kernel_resources.py)
         per_sm = min(2 if BM == 128 else 8, _SMEM_PER_SM // (stages * _stage_bytes(NW, BM) + 2048))
         split = wave_split((N // (16 * NW)) * blocks, steps, _SMS * per_sm)
     else:
@@ -464,7 +473,7 @@ def _stage_bytes(NW: int, BM: int) -> int:
 
 def tma_stages(NW: int, BM: int) -> int:
     """K steps in the TMA ring (config ``stages`` 0): as many as fit _TMA_RING_BYTES, 2 to 4 (BM 32: 4 stages
-    measured at or below 6 stages' time on 6 of the 7 Llama-3 shapes, tma_variants.json)."""
+    measured 0.94-1.00x the time of 6 on all 7 Llama-3 shapes, tma_variants.json)."""
     return max(2, min(4, _TMA_RING_BYTES // _stage_bytes(NW, BM)))
 
 
