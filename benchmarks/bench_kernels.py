@@ -251,7 +251,7 @@ def sass_per_kept(row: dict, variants: dict) -> float | None:
         c = row.get("launch") or pick_config(M, N, K)
         found = [v for v in variants.values() if v.get("kernel") == "wgmma" and v["BM"] == c["BM"]
                  and v["NW"] == c["NW"] and v["outliers"] == (row["outliers"] and not c["PRE"])
-                 and v.get("tma", False) == c["tma"]]
+                 and v.get("tma", False) == c["tma"] and v.get("ws", False) == c.get("ws", False)]
     else:
         return None
     return found[0]["sass_per_kept"] if found else None

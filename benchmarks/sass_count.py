@@ -62,6 +62,9 @@ WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT[, pre[, K, pf, tma]]) -- gl
     "wgmma tma BM32 outliers": (4, 32, True, 3, False, 4096, 0, True),
     "wgmma tma BM64 pre": (4, 64, False, 2, True, 4096, 0, True),
     "wgmma tma BM128 pre": (4, 128, False, 2, True, 4096, 0, True),
+    # the ring fed by a loader warp (config ws; not the default): the decode warps' loop, no TMA issue, no CTA barrier
+    "wgmma tma ws BM64 pre": (4, 64, False, 2, True, 4096, 0, True, 0, True),
+    "wgmma tma ws BM128 pre": (4, 128, False, 2, True, 4096, 0, True, 0, True),
 }
 WGMMA_KEPT_PER_TRIP = 32  # 2 rows x 2 groups x 8 kept values per thread and K step
 
@@ -132,7 +135,7 @@ def _desc(dtype: str, block: list[int], layout) -> str:
     return f"tensordesc<{dtype}{block},{layout!r}>".replace("[", "[", 1)
 
 
-def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False, stages=0) -> dict:
+def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False, stages=0, ws=False) -> dict:
     from triton.experimental.gluon import language as gl
 
     lays = w.make_layouts(NW, BM)
@@ -141,7 +144,7 @@ def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False
                 ws_ptr="*fp32", cnt_ptr="*i32", xd=None, wvd=None, wmd=None, M="i32", N="i32", K="i32", S="i32",
                 stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
                 EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False,
-                PF=pf, XC=False, TMA=tma, NS=0, vl2=None, ml2=None)
+                PF=pf, XC=False, TMA=tma, NS=0, vl2=None, ml2=None, WS=ws)
     for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), lays):
         args[name] = lay
     if tma:
@@ -151,7 +154,9 @@ def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False
     sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)
     return _sass_stats(w.nm16_wgmma_kernel, sig, cex, attrs, NW, WGMMA_KEPT_PER_TRIP,
                        {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "pre": pre,
-                        **({"pf": pf} if pf else {}), **({"tma": True, "stages": args["NS"]} if tma else {})})
+                        **({"pf": pf} if pf else {}), **({"tma": True, "stages": args["NS"]} if tma else {}),
+                        **({"ws": True} if ws else {})},
+                       128 if ws else None)  # ws: the launcher's maxnreg (registers are then the launch allocation)
 
 
 def _signature(kernel, args):

@@ -175,7 +175,8 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
                       OK: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SHIFT: gl.constexpr, HAS_BIAS: gl.constexpr,
                       PF: gl.constexpr, XC: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr,
                       gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr,
-                      TMA: gl.constexpr, NS: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+                      TMA: gl.constexpr, NS: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr,
+                      WS: gl.constexpr = False):
     R: gl.constexpr = 16 * NW
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
@@ -213,8 +214,12 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     tab_kk = gl.load(tab_ptr + 1 + lane0)
 
     if TMA:
-        acc = _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl, gl4,
-                             xs_l, vl2, ml2)
+        if WS:
+            acc = _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl,
+                                gl4, xs_l, vl2, ml2)
+        else:
+            acc = _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl,
+                                 gl4, xs_l, vl2, ml2)
     else:
         xs = gl.allocate_shared_memory(DT, [3, BM, 128], xs_l)
         _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, i0, K, EVEN_X), BM, DT)
@@ -357,6 +362,68 @@ def _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constex
 
 
 @gluon.jit
+def _ws_loader(xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS: gl.constexpr, NBYTES: gl.constexpr):
+    """Producer partition (one warp): fills stage j % NS with K step i0 + j as soon as the consumers have released it
+    (``empty``: they arrive once the wgmma that read it has completed); up to NS steps in flight."""
+    for j in range(i1 - i0):
+        s = j % NS
+        mbarrier.wait(empty.index(s), ((j // NS) & 1) ^ 1)   # a fresh barrier counts as released (phase 1 done)
+        bar = ready.index(s)
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(xd, [m0, (i0 + j) * 128], bar, xs.index(s))
+        tma.async_copy_global_to_shared(wvd, [r0, (i0 + j) * 32], bar, wvs.index(s))
+        tma.async_copy_global_to_shared(wmd, [r0, (i0 + j) * 4], bar, wms.index(s))
+
+
+@gluon.jit
+def _ws_consumer(xs, wvs, wms, ready, empty, tab_cl, tab_kk, i0, i1, ASM: gl.constexpr, R: gl.constexpr,
+                 BM: gl.constexpr, DT: gl.constexpr, NS: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                 vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+    """Default partition (the NW decode warps): wait for a stage, decode its W from shared memory, issue the wgmma;
+    once wgmma j - 1 has completed, release its stage to the loader. No CTA barrier in the loop."""
+    ml: gl.constexpr = gl.SliceLayout(1, gl4)
+    acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
+    for j in range(i1 - i0):
+        s = j % NS
+        mbarrier.wait(ready.index(s), (j // NS) & 1)
+        v2 = wvs.index(s).load(vl2)
+        v = gl.convert_layout(gl.permute(gl.reshape(v2, [R, 4, 2, 4]), [0, 2, 1, 3]), vl, assert_trivial=True)
+        mk = gl.convert_layout(wms.index(s).load(ml2), ml, assert_trivial=True)
+        a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        # stage (j - 1) % NS: its W was read in the previous trip, its x by wgmma j - 1 (completed): release it
+        fence_async_shared()
+        mbarrier.arrive(empty.index((j + NS - 1) % NS), count=1, pred=j > 0)
+        acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    return (acc,)   # a partition's results travel as a tuple
+
+
+@gluon.jit
+def _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr,
+                  BM: gl.constexpr, DT: gl.constexpr, NS: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                  vl: gl.constexpr, gl4: gl.constexpr, xs_l: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+    """The TMA ring with a warp-specialised loader (config ``ws``; a variant not yet run on a GPU): one extra warp
+    issues the TMA loads, gated by per-stage ``empty`` barriers, instead of the decode warps after a CTA barrier."""
+    xs = gl.allocate_shared_memory(DT, [NS, BM, 128], xs_l)
+    wvs = gl.allocate_shared_memory(gl.int32, [NS, R, 32], wvd.layout)
+    wms = gl.allocate_shared_memory(gl.int32, [NS, R, 4], wmd.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(NS):
+        mbarrier.init(ready.index(q), count=1)
+        mbarrier.init(empty.index(q), count=1)
+    fence_async_shared()
+    NBYTES: gl.constexpr = BM * 128 * 2 + R * 32 * 4 + R * 4 * 4
+    acc = gl.warp_specialize([
+        (_ws_consumer, (xs, wvs, wms, ready, empty, tab_cl, tab_kk, i0, i1, ASM, R, BM, DT, NS, acc_l, a_l, vl, gl4,
+                        vl2, ml2)),
+        (_ws_loader, (xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS, NBYTES)),
+    ], [1], [40])
+    return acc[0]
+
+
+@gluon.jit
 def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS: gl.constexpr,
                OB: gl.constexpr, OK: gl.constexpr):
     """One chunk of outlier slots [R, OC] (0 past s_hi or outside the CTA's columns) and x at their columns
@@ -447,7 +514,9 @@ def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
     # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
     # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under
     # test). (The launcher drops SPLIT past MAX_TILES.)
-    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": tma, "stages": stages}
+    # ws: the TMA ring's loads from a warp-specialised loader warp (_main_loop_ws; a variant not yet run on a GPU)
+    return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": tma, "stages": stages,
+            "ws": False}
 
 
 _SMS = 132                   # the H200's SMs
@@ -535,6 +604,8 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     xc = bool(cfg["xc"]) and M % BM != 0  # x loads without row masks (rows past M re-read row M - 1, never stored)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     use_tma = bool(cfg["tma"]) and K % fr.STEP_COLS == 0
+    if cfg["ws"] and not use_tma:
+        raise ValueError(f"nm16 wgmma kernel: ws (a loader warp) needs the TMA ring (tma and K % 128 == 0; K={K})")
     descs, NS, tma_l = (None, None, None), 0, (None, None)
     if use_tma:
         NS = int(cfg["stages"]) or tma_stages(NW, BM)
@@ -554,5 +625,8 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
         _ASM, DT, NW, BM, split, even_k, even_k and (M % BM == 0 or xc),
         has_out, pre is not None, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         scale is not None, shift is not None, bias is not None, int(cfg["pf"]), xc,
-        *layouts(NW, BM), use_tma, NS, *tma_l, num_warps=NW)
+        *layouts(NW, BM), use_tma, NS, *tma_l, bool(cfg["ws"]), num_warps=NW,
+        # ws: the kernel runs NW + 4 warps (the loader's warpgroup); 128 registers each at launch keeps two CTAs per
+        # SM, and the decode warps take the loader's share back (setmaxnreg: up to 232)
+        **({"maxnreg": 128} if cfg["ws"] else {}))
     return y
