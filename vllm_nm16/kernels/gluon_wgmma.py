@@ -420,6 +420,9 @@ def _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexp
                         vl2, ml2)),
         (_ws_loader, (xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS, NBYTES)),
     ], [1], [40])
+    for q in gl.static_range(NS):   # every load has landed and been consumed: the barriers' memory may be reused
+        mbarrier.invalidate(ready.index(q))
+        mbarrier.invalidate(empty.index(q))
     return acc[0]
 
 
