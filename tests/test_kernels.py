@@ -153,6 +153,20 @@ def test_gpu_gluon_refuses_what_it_cannot_run():
 
 
 @needs_cuda
+def test_gpu_wgmma_refuses_a_tile_that_does_not_divide_n():
+    """A forced 8-warp CTA owns 128 rows: on N = 192 the last 64 would stay unwritten -- refused by name."""
+    from vllm_nm16.kernels import nm16_linear
+    from nm16_dev.kernel_testing import layer_args, random_layer
+
+    t = random_layer(192, 512, device="cuda")
+    v, mk, *_ = layer_args(t)
+    x = torch.randn(40, 512, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="NW=8"):
+        nm16_linear(x, v, mk, None, None, None, None, None, n=8, m=16, outlier_block=None, outliers_per_block=0,
+                    in_features=512, out_features=192, config={"kernel": "wgmma", "NW": 8})
+
+
+@needs_cuda
 @pytest.mark.parametrize("M", [1, 2, 16, 17, 32, 64, 100, 300])
 def test_gpu_llama_shape_and_cuda_graph(M):
     from nm16_dev.kernel_testing import layer_args, random_layer, reference_linear

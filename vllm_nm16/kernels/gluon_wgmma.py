@@ -594,6 +594,10 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     cfg = pick_config(M, N, K, tma=(config or {}).get("tma"))
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, NW = cfg["BM"], cfg["NW"]
+    if NW not in (4, 8) or N % (16 * NW) or BM not in (8, 16, 32, 64, 128, 256):
+        # (a CTA owns 16 * NW whole rows: N not a multiple would leave rows unwritten)
+        raise ValueError(f"nm16 wgmma kernel: config NW={NW}, BM={BM} for N={N} (NW 4 or 8 with N a multiple of "
+                         f"16 * NW; BM 8-256, a power of two)")
     S = -(-K // fr.STEP_COLS)
     split = max(1, min(cfg["SPLIT"], S))
     grid = (N // (16 * NW), -(-M // BM), split)
