@@ -32,8 +32,8 @@ counter) sums the partials in a fixed order, writes y and resets the counter.
 Outliers (k per row and block of OB columns) are exact in fp32 on the CUDA cores: either as their own pass first
 (config ``PRE``, the default but on small layers at M <= 32: outliers.py, added in the epilogue) or after the main
 loop, per K split, in chunks of 16 tokens (the scaled main result waits in shared memory); epilogue
-``y = scale * acc + outliers + shift + bias``. The dispatcher (kernels.choose_config) sends M 17..128 here (H200
-measurements there).
+``y = scale * acc + outliers + shift + bias``. The dispatcher (kernels.choose_config) sends M 17..128 here, 17..256
+on layers without outliers (H200 measurements there).
 """
 
 from __future__ import annotations
