@@ -216,10 +216,10 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     if TMA:
         if WS:
             acc = _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl,
-                                gl4, xs_l, vl2, ml2)
+                                gl4, vl2, ml2)
         else:
             acc = _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl,
-                                 gl4, xs_l, vl2, ml2)
+                                 gl4, vl2, ml2)
     else:
         xs = gl.allocate_shared_memory(DT, [3, BM, 128], xs_l)
         _stage_x(xs.index(0), _load_x(xw_ptr, x_off, col_x, x_row_ok, i0, K, EVEN_X), BM, DT)
@@ -313,48 +313,67 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
 
 
 @gluon.jit
-def _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, s, i, pred, m0, r0, NBYTES: gl.constexpr):
+def _alloc_ring(xd, wvd, wmd, NS: gl.constexpr):
+    """The ring's NS stages in shared memory, one TMA box each: x tiles, W values, W masks."""
+    xs = gl.allocate_shared_memory(xd.dtype, [NS] + xd.block_type.shape, xd.layout)
+    wvs = gl.allocate_shared_memory(wvd.dtype, [NS] + wvd.block_type.shape, wvd.layout)
+    wms = gl.allocate_shared_memory(wmd.dtype, [NS] + wmd.block_type.shape, wmd.layout)
+    return xs, wvs, wms
+
+
+@gluon.jit
+def _new_barriers(NS: gl.constexpr):
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(NS):
+        mbarrier.init(bars.index(q), count=1)
+    return bars
+
+
+@gluon.jit
+def _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, s, i, pred, m0, r0):
     """Ask the TMA unit for K step ``i`` into stage ``s``: the x tile [BM, 128] (rows past M read as zeros) and this
-    CTA's W values [R, 32 words] and masks [R, 4 words]; ``bars[s]`` completes when all NBYTES have landed."""
+    CTA's W values [R, 32 words] and masks [R, 4 words]; ``bars[s]`` completes when all three boxes have landed."""
     bar = bars.index(s)
-    mbarrier.expect(bar, NBYTES, pred=pred)
+    mbarrier.expect(bar, xd.block_type.nbytes + wvd.block_type.nbytes + wmd.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(xd, [m0, i * 128], bar, xs.index(s), pred=pred)
     tma.async_copy_global_to_shared(wvd, [r0, i * 32], bar, wvs.index(s), pred=pred)
     tma.async_copy_global_to_shared(wmd, [r0, i * 4], bar, wms.index(s), pred=pred)
 
 
 @gluon.jit
+def _read_w(wvs, wms, s, R: gl.constexpr, vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr,
+            ml2: gl.constexpr):
+    """Stage ``s``'s W values and masks back from shared memory, in the register layouts _decode takes."""
+    v2 = wvs.index(s).load(vl2)                                   # [R, 32]: word 8 t + 4 tile + q
+    v = gl.convert_layout(gl.permute(gl.reshape(v2, [R, 4, 2, 4]), [0, 2, 1, 3]), vl, assert_trivial=True)
+    mk = gl.convert_layout(wms.index(s).load(ml2), gl.SliceLayout(1, gl4), assert_trivial=True)
+    return v, mk
+
+
+@gluon.jit
 def _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr,
                    BM: gl.constexpr, DT: gl.constexpr, NS: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
-                   vl: gl.constexpr, gl4: gl.constexpr, xs_l: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+                   vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
     """K steps [i0, i1) with every operand brought by TMA into an NS-stage ring (x pre-permuted to the fragments' K
     order by the launcher): NS - 1 steps are in flight while a step is decoded from shared memory and multiplied, and
     no register holds a prefetched operand. Stage (j - 1) % NS is refilled once every warp has passed the wait for
     wgmma j - 1 (its last reader) -- the one CTA barrier of a step."""
-    xs = gl.allocate_shared_memory(DT, [NS, BM, 128], xs_l)
-    wvs = gl.allocate_shared_memory(gl.int32, [NS, R, 32], wvd.layout)
-    wms = gl.allocate_shared_memory(gl.int32, [NS, R, 4], wmd.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(NS):
-        mbarrier.init(bars.index(q), count=1)
+    xs, wvs, wms = _alloc_ring(xd, wvd, wmd, NS)
+    bars = _new_barriers(NS)
     fence_async_shared()
-    NBYTES: gl.constexpr = BM * 128 * 2 + R * 32 * 4 + R * 4 * 4
     for q in gl.static_range(NS - 1):
-        _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, q, i0 + q, i0 + q < i1, m0, r0, NBYTES)
-    ml: gl.constexpr = gl.SliceLayout(1, gl4)
+        _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, q, i0 + q, i0 + q < i1, m0, r0)
     acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
     for i in range(i0, i1):
         j = i - i0
         s = j % NS
         mbarrier.wait(bars.index(s), (j // NS) & 1)
-        v2 = wvs.index(s).load(vl2)                                   # [R, 32]: word 8 t + 4 tile + q
-        v = gl.convert_layout(gl.permute(gl.reshape(v2, [R, 4, 2, 4]), [0, 2, 1, 3]), vl, assert_trivial=True)
-        mk = gl.convert_layout(wms.index(s).load(ml2), ml, assert_trivial=True)
+        v, mk = _read_w(wvs, wms, s, R, vl, gl4, vl2, ml2)
         a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
         acc = warpgroup_mma_wait(0, deps=[acc])
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, is_async=True)
         gl.thread_barrier()
-        _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, (j + NS - 1) % NS, i + NS - 1, i + NS - 1 < i1, m0, r0, NBYTES)
+        _tma_stage(xd, wvd, wmd, xs, wvs, wms, bars, (j + NS - 1) % NS, i + NS - 1, i + NS - 1 < i1, m0, r0)
     acc = warpgroup_mma_wait(0, deps=[acc])
     for q in gl.static_range(NS):
         mbarrier.invalidate(bars.index(q))
@@ -362,17 +381,13 @@ def _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constex
 
 
 @gluon.jit
-def _ws_loader(xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS: gl.constexpr, NBYTES: gl.constexpr):
+def _ws_loader(xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS: gl.constexpr):
     """Producer partition (one warp): fills stage j % NS with K step i0 + j as soon as the consumers have released it
     (``empty``: they arrive once the wgmma that read it has completed); up to NS steps in flight."""
     for j in range(i1 - i0):
         s = j % NS
         mbarrier.wait(empty.index(s), ((j // NS) & 1) ^ 1)   # a fresh barrier counts as released (phase 1 done)
-        bar = ready.index(s)
-        mbarrier.expect(bar, NBYTES)
-        tma.async_copy_global_to_shared(xd, [m0, (i0 + j) * 128], bar, xs.index(s))
-        tma.async_copy_global_to_shared(wvd, [r0, (i0 + j) * 32], bar, wvs.index(s))
-        tma.async_copy_global_to_shared(wmd, [r0, (i0 + j) * 4], bar, wms.index(s))
+        _tma_stage(xd, wvd, wmd, xs, wvs, wms, ready, s, i0 + j, True, m0, r0)
 
 
 @gluon.jit
@@ -381,14 +396,11 @@ def _ws_consumer(xs, wvs, wms, ready, empty, tab_cl, tab_kk, i0, i1, ASM: gl.con
                  vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
     """Default partition (the NW decode warps): wait for a stage, decode its W from shared memory, issue the wgmma;
     once wgmma j - 1 has completed, release its stage to the loader. No CTA barrier in the loop."""
-    ml: gl.constexpr = gl.SliceLayout(1, gl4)
     acc = warpgroup_mma_init(gl.zeros([R, BM], gl.float32, layout=acc_l))
     for j in range(i1 - i0):
         s = j % NS
         mbarrier.wait(ready.index(s), (j // NS) & 1)
-        v2 = wvs.index(s).load(vl2)
-        v = gl.convert_layout(gl.permute(gl.reshape(v2, [R, 4, 2, 4]), [0, 2, 1, 3]), vl, assert_trivial=True)
-        mk = gl.convert_layout(wms.index(s).load(ml2), ml, assert_trivial=True)
+        v, mk = _read_w(wvs, wms, s, R, vl, gl4, vl2, ml2)
         a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
         acc = warpgroup_mma_wait(0, deps=[acc])
         # stage (j - 1) % NS: its W was read in the previous trip, its x by wgmma j - 1 (completed): release it
@@ -402,23 +414,17 @@ def _ws_consumer(xs, wvs, wms, ready, empty, tab_cl, tab_kk, i0, i1, ASM: gl.con
 @gluon.jit
 def _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr,
                   BM: gl.constexpr, DT: gl.constexpr, NS: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
-                  vl: gl.constexpr, gl4: gl.constexpr, xs_l: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+                  vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
     """The TMA ring with a warp-specialised loader (config ``ws``; a variant not yet run on a GPU): one extra warp
     issues the TMA loads, gated by per-stage ``empty`` barriers, instead of the decode warps after a CTA barrier."""
-    xs = gl.allocate_shared_memory(DT, [NS, BM, 128], xs_l)
-    wvs = gl.allocate_shared_memory(gl.int32, [NS, R, 32], wvd.layout)
-    wms = gl.allocate_shared_memory(gl.int32, [NS, R, 4], wmd.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(NS):
-        mbarrier.init(ready.index(q), count=1)
-        mbarrier.init(empty.index(q), count=1)
+    xs, wvs, wms = _alloc_ring(xd, wvd, wmd, NS)
+    ready = _new_barriers(NS)
+    empty = _new_barriers(NS)
     fence_async_shared()
-    NBYTES: gl.constexpr = BM * 128 * 2 + R * 32 * 4 + R * 4 * 4
     acc = gl.warp_specialize([
         (_ws_consumer, (xs, wvs, wms, ready, empty, tab_cl, tab_kk, i0, i1, ASM, R, BM, DT, NS, acc_l, a_l, vl, gl4,
                         vl2, ml2)),
-        (_ws_loader, (xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS, NBYTES)),
+        (_ws_loader, (xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS)),
     ], [1], [40])
     for q in gl.static_range(NS):   # every load has landed and been consumed: the barriers' memory may be reused
         mbarrier.invalidate(ready.index(q))
