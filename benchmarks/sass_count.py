@@ -132,7 +132,7 @@ def count(g, BM, WN, WK, has_out, in_loop, pre=False, olanes=None, K=4096, maxnr
 
 def _desc(dtype: str, block: list[int], layout) -> str:
     """A tensor descriptor argument's signature type (as the launcher's TensorDescriptor mangles)."""
-    return f"tensordesc<{dtype}{block},{layout!r}>".replace("[", "[", 1)
+    return f"tensordesc<{dtype}{block},{layout!r}>"
 
 
 def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False, stages=0, ws=False) -> dict:
