@@ -135,7 +135,8 @@ def _desc(dtype: str, block: list[int], layout) -> str:
     return f"tensordesc<{dtype}{block},{layout!r}>"
 
 
-def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False, stages=0, ws=False) -> dict:
+def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False, stages=0, ws=False,
+                dp=0) -> dict:
     from triton.experimental.gluon import language as gl
 
     lays = w.make_layouts(NW, BM)
@@ -144,19 +145,20 @@ def count_wgmma(g, w, NW, BM, has_out, split, pre=False, K=4096, pf=0, tma=False
                 ws_ptr="*fp32", cnt_ptr="*i32", xd=None, wvd=None, wmd=None, M="i32", N="i32", K="i32", S="i32",
                 stride_ym="i32", NO="i32", XS=K, ASM=g._ASM, DT=gl.bfloat16, NW=NW, BM=BM, SPLIT=split,
                 EVEN_K=True, EVEN_X=True, HAS_OUT=has_out, HAS_PRE=pre, OB=256, OK=4, HAS_SCALE=has_out, HAS_SHIFT=False, HAS_BIAS=False,
-                PF=pf, XC=False, TMA=tma, NS=0, vl2=None, ml2=None, WS=ws)
+                PF=pf, XC=False, TMA=tma, NS=0, vl2=None, ml2=None, WS=ws, DP=dp)
     for name, lay in zip(("acc_l", "a_l", "vl", "gl4", "xl", "ol", "xs_l", "fl"), lays):
         args[name] = lay
     if tma:
         vl2, ml2, wv_s, wm_s = w.make_tma_layouts(NW)
         args.update(xd=_desc("bf16", [BM, 128], lays[6]), wvd=_desc("i32", [16 * NW, 32], wv_s),
-                    wmd=_desc("i32", [16 * NW, 4], wm_s), NS=stages or w.tma_stages(NW, BM), vl2=vl2, ml2=ml2)
+                    wmd=_desc("i32", [16 * NW, 4], wm_s),
+                    NS=stages or (w.dp_stages(BM) if dp else w.tma_stages(NW, BM)), vl2=vl2, ml2=ml2)
     sig, cex, attrs = _signature(w.nm16_wgmma_kernel, args)
     return _sass_stats(w.nm16_wgmma_kernel, sig, cex, attrs, NW, WGMMA_KEPT_PER_TRIP,
                        {"kernel": "wgmma", "BM": BM, "NW": NW, "SPLIT": split, "outliers": has_out, "pre": pre,
                         **({"pf": pf} if pf else {}), **({"tma": True, "stages": args["NS"]} if tma else {}),
-                        **({"ws": True} if ws else {})},
-                       128 if ws else None)  # ws: the launcher's maxnreg (registers are then the launch allocation)
+                        **({"ws": True} if ws else {}), **({"dp": dp} if dp else {})},
+                       128 if ws else w._DP_MAXNREG[dp] if dp else None)  # ws / dp: the launcher's maxnreg
 
 
 def _signature(kernel, args):

@@ -150,6 +150,16 @@ WGMMA_CASES = [
      dict(WGMMA, tma=True, ws=True, PRE=True, SPLIT=3)),
     ("wgmma_m256_bf16_out_ws_stages4", 8, 16, 128, 1024, 256, "bfloat16", (64, 1), True, False, False, None,
      dict(WGMMA, tma=True, ws=True, stages=4)),
+    # decoder warpgroups feeding an MMA warpgroup through shared memory (dp): BM 64-256, 1 / 2 decoders, split-K,
+    # several token blocks, in-kernel outliers and PRE, fp16
+    ("wgmma_m256_bf16_all_dp1", 8, 16, 192, 2048, 256, "bfloat16", (256, 4), True, True, True, None,
+     dict(WGMMA, BM=256, tma=True, dp=1)),
+    ("wgmma_m300_fp16_out_pre_dp2_split2", 8, 16, 128, 1536, 300, "float16", (256, 4), True, False, False, None,
+     dict(WGMMA, BM=128, tma=True, dp=2, PRE=True, SPLIT=2)),
+    ("wgmma_m64_bf16_scale_dp1", 8, 16, 256, 1024, 64, "bfloat16", None, True, False, True, None,
+     dict(WGMMA, tma=True, dp=1)),
+    ("wgmma_m1024_bf16_bare_dp2", 8, 16, 64, 512, 1024, "bfloat16", None, False, False, False, None,
+     dict(WGMMA, BM=256, tma=True, dp=2)),
 ]
 
 

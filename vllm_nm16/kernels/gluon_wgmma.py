@@ -50,6 +50,7 @@ from vllm_nm16.kernels.gluon_nm16 import (_ASM, _can_run, _epilogue, _l2_prefetc
                                            launch_inputs, outlier_pass)
 
 TB = gl.constexpr(16)  # tokens per chunk of the outlier pass
+_DP_DEC_REGS = gl.constexpr(152)  # registers of a dp decoder warp (setmaxnreg)
 
 
 def _lg(v: int) -> int:
@@ -176,7 +177,7 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
                       PF: gl.constexpr, XC: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr,
                       gl4: gl.constexpr, xl: gl.constexpr, ol: gl.constexpr, xs_l: gl.constexpr, fl: gl.constexpr,
                       TMA: gl.constexpr, NS: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr,
-                      WS: gl.constexpr = False):
+                      WS: gl.constexpr = False, DP: gl.constexpr = 0):
     R: gl.constexpr = 16 * NW
     rb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
@@ -214,7 +215,10 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
     tab_kk = gl.load(tab_ptr + 1 + lane0)
 
     if TMA:
-        if WS:
+        if DP > 0:
+            acc = _main_loop_dp(xd, wvd, wmd, tab_ptr, K, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, DP, acc_l, a_l,
+                                vl, gl4, vl2, ml2, xs_l)
+        elif WS:
             acc = _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, rb * R, ASM, R, BM, DT, NS, acc_l, a_l, vl,
                                 gl4, vl2, ml2)
         else:
@@ -433,6 +437,90 @@ def _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexp
 
 
 @gluon.jit
+def _dp_loader(xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS: gl.constexpr):
+    """dp loader partition (one warp): K step i0 + j into stage j % NS once the MMA warps have released it."""
+    for j in range(i1 - i0):
+        s = j % NS
+        mbarrier.wait(free.index(s), ((j // NS) & 1) ^ 1)   # a fresh barrier counts as released (phase 1 done)
+        _tma_stage(xd, wvd, wmd, xs, wvs, wms, loaded, s, i0 + j, True, m0, r0)
+
+
+@gluon.jit
+def _dp_decoder(wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, q0, ASM: gl.constexpr, R: gl.constexpr,
+                DT: gl.constexpr, NS: gl.constexpr, DP: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr,
+                gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
+    """dp decoder partition (one warpgroup; with DP of them, this one takes the steps j = q0 mod DP): wait for a
+    stage's W, decode it in registers (the ring kernel's decode) and store the A tile [R, 128] into the stage's
+    NVMMA-swizzled A buffer for the MMA warps' wgmma."""
+    lane0 = (gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl4)))[:, None, None] + K) >> 30
+    lane0 = lane0 + gl.zeros([R, 2, 4], gl.int32, layout=gl4)
+    tab_cl = gl.load(tab_ptr + lane0)
+    tab_kk = gl.load(tab_ptr + 1 + lane0)
+    for j in range(q0, i1 - i0, DP):
+        s = j % NS
+        mbarrier.wait(loaded.index(s), (j // NS) & 1)
+        v, mk = _read_w(wvs, wms, s, R, vl, gl4, vl2, ml2)
+        a = _decode(v, mk, tab_cl, tab_kk, ASM, R, DT, gl4, a_l)
+        a_s.index(s).store(a)
+        fence_async_shared()
+        mbarrier.arrive(decoded.index(s))   # (after a barrier of this partition's threads: every store is done)
+
+
+@gluon.jit
+def _dp_mma(xs, a_s, loaded, decoded, free, i0, i1, R: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr,
+            acc_l: gl.constexpr):
+    """dp default partition (the MMA warpgroup): wgmma of each stage's decoded A tile and x tile, one in flight;
+    once wgmma j - 1 has completed, its stage goes back to the loader."""
+    acc = gl.zeros([R, BM], gl.float32, layout=acc_l)   # (a plain tensor: the loop carries the waited value)
+    for j in range(i1 - i0):
+        s = j % NS
+        ph = (j // NS) & 1
+        mbarrier.wait(loaded.index(s), ph)    # the x tile (its TMA completion seen by these warps too)
+        mbarrier.wait(decoded.index(s), ph)
+        acc = warpgroup_mma(a_s.index(s), xs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        mbarrier.arrive(free.index((j + NS - 1) % NS), pred=j > 0)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    return (acc,)
+
+
+@gluon.jit
+def _main_loop_dp(xd, wvd, wmd, tab_ptr, K, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr, BM: gl.constexpr,
+                  DT: gl.constexpr, NS: gl.constexpr, DP: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                  vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr, xs_l: gl.constexpr):
+    """Decode-producer loop (config ``dp``; a variant under test, for large M): DP decoder warpgroups turn the ring's
+    packed W into A tiles in shared memory while the kernel's own warpgroup only issues wgmma (A and x from shared
+    memory), so the decode's latency no longer sits between two wgmma; a loader warp keeps the ring full."""
+    xs, wvs, wms = _alloc_ring(xd, wvd, wmd, NS)
+    a_s = gl.allocate_shared_memory(DT, [NS, R, 128], xs_l)
+    loaded = _new_barriers(NS)
+    decoded = _new_barriers(NS)
+    free = _new_barriers(NS)
+    fence_async_shared()
+    if DP == 1:
+        acc = gl.warp_specialize([
+            (_dp_mma, (xs, a_s, loaded, decoded, free, i0, i1, R, BM, NS, acc_l)),
+            (_dp_decoder, (wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, 0, ASM, R, DT, NS, DP, a_l, vl, gl4,
+                           vl2, ml2)),
+            (_dp_loader, (xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS)),
+        ], [4, 1], [_DP_DEC_REGS, 40])
+    else:
+        acc = gl.warp_specialize([
+            (_dp_mma, (xs, a_s, loaded, decoded, free, i0, i1, R, BM, NS, acc_l)),
+            (_dp_decoder, (wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, 0, ASM, R, DT, NS, DP, a_l, vl, gl4,
+                           vl2, ml2)),
+            (_dp_decoder, (wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, 1, ASM, R, DT, NS, DP, a_l, vl, gl4,
+                           vl2, ml2)),
+            (_dp_loader, (xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS)),
+        ], [4, 4, 1], [_DP_DEC_REGS, _DP_DEC_REGS, 40])
+    for q in gl.static_range(NS):
+        mbarrier.invalidate(loaded.index(q))
+        mbarrier.invalidate(decoded.index(q))
+        mbarrier.invalidate(free.index(q))
+    return acc[0]
+
+
+@gluon.jit
 def _out_chunk(x_ptr, ov_ptr, oi_ptr, r_o, m_o, slot, s_hi, c_lo, c_hi, M, NO, XS: gl.constexpr,
                OB: gl.constexpr, OK: gl.constexpr):
     """One chunk of outlier slots [R, OC] (0 past s_hi or outside the CTA's columns) and x at their columns
@@ -482,7 +570,7 @@ _SMALL_LAYER_WEIGHTS = 24 * 2**20  # below: a small layer (8B o 16.8M weights; 8
 MAX_TILES = 1 << 16  # split-K counters per device (one per output tile of a call)
 
 
-def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
+def pick_config(M: int, N: int, K: int, tma: bool | None = None, dp: int = 0, BM: int | None = None) -> dict:
     """Launch shape by M class: BM (tokens per CTA, the wgmma N) = the smallest of 32 / 64 / 128 that holds M (larger
     M: several token blocks); the loop -- ``tma`` (None: :func:`use_tma`; a caller may force either) -- and, for that
     loop, NW warps (16 rows each), SPLIT (CTAs per tile along K) and the ring's ``stages``.
@@ -499,12 +587,17 @@ def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
       vs 0.35x cuBLAS with 4 warps); SPLIT so that tiles x SPLIT fill the chip (8B o M = 32: 0.33x cuBLAS with SPLIT
       = 1, 0.99x with 4).
     """
-    BM = 32 if M <= 32 else 64 if M <= 64 else 128
+    BM = BM or (32 if M <= 32 else 64 if M <= 64 else 128)
     steps = -(-K // fr.STEP_COLS)
     blocks = -(-M // BM)
     if tma is None:
         tma = use_tma(BM, N, K)
-    if tma:
+    if tma and dp:
+        # one CTA per SM (the ring's stages hold the decoded A tiles too)
+        NW = 4
+        stages = dp_stages(BM)
+        split = wave_split((N // 64) * blocks, steps, _SMS)
+    elif tma:
         NW = 4
         stages = tma_stages(NW, BM)
         # CTAs per SM: the shared memory the ring leaves; at BM 128 also the registers (176-244 per thread as the
@@ -524,11 +617,15 @@ def pick_config(M: int, N: int, K: int, tma: bool | None = None) -> dict:
     # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under
     # test). (The launcher drops SPLIT past MAX_TILES.)
     # ws: the TMA ring's loads from a warp-specialised loader warp (_main_loop_ws; a variant not yet run on a GPU)
+    # dp: decoder warpgroups (1 or 2) feeding an MMA warpgroup through shared memory (_main_loop_dp; a variant
+    # under test)
     return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": tma, "stages": stages,
-            "ws": False}
+            "ws": False, "dp": dp if tma else 0}
 
 
 _SMS = 132                   # the H200's SMs
+# dp: registers per thread at launch (one CTA per SM: 4 MMA + 4 per decoder + 4 loader warps share 64K)
+_DP_MAXNREG = {1: 168, 2: 128}
 _SMEM_PER_SM = 228 * 1024    # shared memory per SM (227 KB per block at most)
 # Shared memory the TMA ring may take per CTA: two CTAs per SM, so that while one CTA decodes the other's loads are in
 # flight.
@@ -547,6 +644,11 @@ def use_tma(BM: int, N: int, K: int) -> bool:
 def _stage_bytes(NW: int, BM: int) -> int:
     """One K step in the ring: the x tile [BM, 128] (2 B each) and the CTA's W values + masks (36 words per row)."""
     return BM * 128 * 2 + 16 * NW * (32 + 4) * 4
+
+
+def dp_stages(BM: int) -> int:
+    """Ring stages of the dp loop (one CTA per SM): x tile, packed W and the decoded A tile [64, 128] per stage."""
+    return max(2, min(4, (_SMEM_PER_SM - 8 * 1024) // (_stage_bytes(4, BM) + 64 * 128 * 2)))
 
 
 def tma_stages(NW: int, BM: int) -> int:
@@ -597,7 +699,8 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     x2d, y = launch_inputs("wgmma", can, x2d, values, positions, N, out)
     if M == 0:
         return y
-    cfg = pick_config(M, N, K, tma=(config or {}).get("tma"))
+    cfg = pick_config(M, N, K, tma=(config or {}).get("tma"), dp=int((config or {}).get("dp") or 0),
+                      BM=(config or {}).get("BM"))
     cfg.update({k: v for k, v in (config or {}).items() if k in cfg and v is not None})
     BM, NW = cfg["BM"], cfg["NW"]
     if NW not in (4, 8) or N % (16 * NW) or BM not in (8, 16, 32, 64, 128, 256):
@@ -617,11 +720,15 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     xc = bool(cfg["xc"]) and M % BM != 0  # x loads without row masks (rows past M re-read row M - 1, never stored)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     use_tma = bool(cfg["tma"]) and K % fr.STEP_COLS == 0
-    if cfg["ws"] and not use_tma:
-        raise ValueError(f"nm16 wgmma kernel: ws (a loader warp) needs the TMA ring (tma and K % 128 == 0; K={K})")
+    dp = int(cfg["dp"])
+    if (cfg["ws"] or dp) and not use_tma:
+        raise ValueError(f"nm16 wgmma kernel: ws / dp (warp-specialised loops) need the TMA ring (tma and K % 128 == "
+                         f"0; K={K})")
+    if dp and (dp not in (1, 2) or NW != 4):
+        raise ValueError(f"nm16 wgmma kernel: dp={dp} (1 or 2 decoder warpgroups, with NW 4)")
     descs, NS, tma_l = (None, None, None), 0, (None, None)
     if use_tma:
-        NS = int(cfg["stages"]) or tma_stages(NW, BM)
+        NS = int(cfg["stages"]) or (dp_stages(BM) if dp else tma_stages(NW, BM))
         if not 2 <= NS <= 8:
             raise ValueError(f"nm16 wgmma kernel: stages={NS} (2-8)")
         vl2, ml2, wv_s, wm_s = tma_layouts(NW)
@@ -638,8 +745,8 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
         _ASM, DT, NW, BM, split, even_k, even_k and (M % BM == 0 or xc),
         has_out, pre is not None, outlier_block if has_out else 1, outliers_per_block if has_out else 1,
         scale is not None, shift is not None, bias is not None, int(cfg["pf"]), xc,
-        *layouts(NW, BM), use_tma, NS, *tma_l, bool(cfg["ws"]), num_warps=NW,
+        *layouts(NW, BM), use_tma, NS, *tma_l, bool(cfg["ws"]), dp, num_warps=NW,
         # ws: the kernel runs NW + 4 warps (the loader's warpgroup); 128 registers each at launch keeps two CTAs per
         # SM, and the decode warps take the loader's share back (setmaxnreg: up to 232)
-        **({"maxnreg": 128} if cfg["ws"] else {}))
+        **({"maxnreg": 128} if cfg["ws"] else {"maxnreg": _DP_MAXNREG[dp]} if dp else {}))
     return y
