@@ -65,6 +65,10 @@ WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT[, pre[, K, pf, tma]]) -- gl
     # the ring fed by a loader warp (config ws; not the default): the decode warps' loop, no TMA issue, no CTA barrier
     "wgmma tma ws BM64 pre": (4, 64, False, 2, True, 4096, 0, True, 0, True),
     "wgmma tma ws BM128 pre": (4, 128, False, 2, True, 4096, 0, True, 0, True),
+    # decoder warpgroups storing A tiles for an MMA warpgroup (config dp; not the default): the decoder's loop
+    "wgmma tma dp1 BM128 pre": (4, 128, False, 1, True, 4096, 0, True, 0, False, 1),
+    "wgmma tma dp2 BM128 pre": (4, 128, False, 1, True, 4096, 0, True, 0, False, 2),
+    "wgmma tma dp1 BM256 pre": (4, 256, False, 1, True, 4096, 0, True, 0, False, 1),
 }
 WGMMA_KEPT_PER_TRIP = 32  # 2 rows x 2 groups x 8 kept values per thread and K step
 
