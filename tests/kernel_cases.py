@@ -159,7 +159,9 @@ WGMMA_CASES = [
     ("wgmma_m64_bf16_scale_dp1", 8, 16, 256, 1024, 64, "bfloat16", None, True, False, True, None,
      dict(WGMMA, tma=True, dp=1)),
     ("wgmma_m1024_bf16_bare_dp2", 8, 16, 64, 512, 1024, "bfloat16", None, False, False, False, None,
-     dict(WGMMA, BM=256, tma=True, dp=2)),
+     dict(WGMMA, BM=128, tma=True, dp=2)),
+    ("wgmma_m520_fp16_scale_bias_dp1_bm256", 8, 16, 128, 1024, 520, "float16", None, True, False, True, None,
+     dict(WGMMA, BM=256, tma=True, dp=1)),
 ]
 
 

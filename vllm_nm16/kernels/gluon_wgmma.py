@@ -724,8 +724,10 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     if (cfg["ws"] or dp) and not use_tma:
         raise ValueError(f"nm16 wgmma kernel: ws / dp (warp-specialised loops) need the TMA ring (tma and K % 128 == "
                          f"0; K={K})")
-    if dp and (dp not in (1, 2) or NW != 4):
-        raise ValueError(f"nm16 wgmma kernel: dp={dp} (1 or 2 decoder warpgroups, with NW 4)")
+    if dp and (dp not in (1, 2) or NW != 4 or BM * dp > 256):
+        # (dp 2 at BM 256: 16 warps leave 128 registers per thread, the 64 x 256 wgmma's accumulator alone takes 128)
+        raise ValueError(f"nm16 wgmma kernel: dp={dp} at BM={BM} (1 or 2 decoder warpgroups, with NW 4; 2 only up "
+                         f"to BM 128)")
     descs, NS, tma_l = (None, None, None), 0, (None, None)
     if use_tma:
         NS = int(cfg["stages"]) or (dp_stages(BM) if dp else tma_stages(NW, BM))
