@@ -62,10 +62,12 @@ WGMMA_VARIANTS = {  # name: (NW, BM, outliers, SPLIT[, pre[, K, pf, tma]]) -- gl
     "wgmma tma BM32 outliers": (4, 32, True, 3, False, 4096, 0, True),
     "wgmma tma BM64 pre": (4, 64, False, 2, True, 4096, 0, True),
     "wgmma tma BM128 pre": (4, 128, False, 2, True, 4096, 0, True),
-    # the ring fed by a loader warp (config ws; not the default): the decode warps' loop, no TMA issue, no CTA barrier
+    # the ring fed by a loader warp (config ws; refused by the launcher since session 12: wrong results on the H100):
+    # the decode warps' loop, no TMA issue, no CTA barrier
     "wgmma tma ws BM64 pre": (4, 64, False, 2, True, 4096, 0, True, 0, True),
     "wgmma tma ws BM128 pre": (4, 128, False, 2, True, 4096, 0, True, 0, True),
-    # decoder warpgroups storing A tiles for an MMA warpgroup (config dp; not the default): the decoder's loop
+    # decoder warpgroups storing A tiles for an MMA warpgroup (config dp; off: measured slower, session 12): the
+    # decoder's loop
     "wgmma tma dp1 BM128 pre": (4, 128, False, 1, True, 4096, 0, True, 0, False, 1),
     "wgmma tma dp2 BM128 pre": (4, 128, False, 1, True, 4096, 0, True, 0, False, 2),
     "wgmma tma dp1 BM256 pre": (4, 256, False, 1, True, 4096, 0, True, 0, False, 1),

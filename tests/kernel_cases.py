@@ -143,13 +143,6 @@ WGMMA_CASES = [
      dict(WGMMA, PRE=True, SPLIT=2, tma=True)),
     ("wgmma_m33_fp16_all_k576_tma_fallback", 8, 16, 192, 576, 33, "float16", (192, 3), True, True, True, None,
      dict(WGMMA, tma=True)),
-    # the ring fed by a warp-specialised loader warp (ws): every M class, split-K, in-kernel outliers, fp16
-    ("wgmma_m17_bf16_all_ws", 8, 16, 1024, 4096, 17, "bfloat16", (256, 4), True, True, True, None,
-     dict(WGMMA, tma=True, ws=True)),
-    ("wgmma_m100_fp16_all_pre_ws_split3", 8, 16, 256, 2048, 100, "float16", (256, 4), True, True, True, None,
-     dict(WGMMA, tma=True, ws=True, PRE=True, SPLIT=3)),
-    ("wgmma_m256_bf16_out_ws_stages4", 8, 16, 128, 1024, 256, "bfloat16", (64, 1), True, False, False, None,
-     dict(WGMMA, tma=True, ws=True, stages=4)),
     # decoder warpgroups feeding an MMA warpgroup through shared memory (dp): BM 64-256, 1 / 2 decoders, split-K,
     # several token blocks, in-kernel outliers and PRE, fp16
     ("wgmma_m256_bf16_all_dp1", 8, 16, 192, 2048, 256, "bfloat16", (256, 4), True, True, True, None,

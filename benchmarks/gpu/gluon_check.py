@@ -74,8 +74,8 @@ def main():
                     {"PRE": True}, {"PRE": True, "BM": 32, "SPLIT": 3}, {"pf": 4}, {"pf": 64, "SPLIT": 4},
                     {"xc": True}, {"xc": True, "BM": 64, "SPLIT": 3}, {"tma": True}, {"tma": True, "stages": 2},
                     {"tma": True, "BM": 128, "NW": 4, "SPLIT": 8}, {"tma": True, "BM": 64, "NW": 8, "stages": 6},
-                    {"tma": True, "PRE": True}, {"tma": True, "BM": 32, "SPLIT": 1}, {"tma": True, "ws": True},
-                    {"tma": True, "ws": True, "BM": 128, "SPLIT": 8, "stages": 2}):
+                    {"tma": True, "PRE": True}, {"tma": True, "BM": 32, "SPLIT": 1}, {"tma": True, "dp": 1},
+                    {"tma": True, "dp": 2, "BM": 128, "SPLIT": 8}, {"tma": True, "dp": 1, "BM": 256, "SPLIT": 2}):
             cases.append((2048, 4096, 77, torch.bfloat16, 4, 256, True, False, False, dict(cfg, kernel="wgmma")))
             cases.append((2048, 4096, 200, torch.bfloat16, 0, 256, False, False, True, dict(cfg, kernel="wgmma")))
     extra = json.loads(args.extra)

@@ -419,8 +419,9 @@ def _ws_consumer(xs, wvs, wms, ready, empty, tab_cl, tab_kk, i0, i1, ASM: gl.con
 def _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr,
                   BM: gl.constexpr, DT: gl.constexpr, NS: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
                   vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
-    """The TMA ring with a warp-specialised loader (config ``ws``; a variant not yet run on a GPU): one extra warp
-    issues the TMA loads, gated by per-stage ``empty`` barriers, instead of the decode warps after a CTA barrier."""
+    """The TMA ring with a warp-specialised loader (config ``ws``, refused by the launcher: wrong results on the H100
+    in session 12, see wgmma_linear): one extra warp issues the TMA loads, gated by per-stage ``empty`` barriers,
+    instead of the decode warps after a CTA barrier."""
     xs, wvs, wms = _alloc_ring(xd, wvd, wmd, NS)
     ready = _new_barriers(NS)
     empty = _new_barriers(NS)
@@ -488,9 +489,9 @@ def _dp_mma(xs, a_s, loaded, decoded, free, i0, i1, R: gl.constexpr, BM: gl.cons
 def _main_loop_dp(xd, wvd, wmd, tab_ptr, K, i0, i1, m0, r0, ASM: gl.constexpr, R: gl.constexpr, BM: gl.constexpr,
                   DT: gl.constexpr, NS: gl.constexpr, DP: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
                   vl: gl.constexpr, gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr, xs_l: gl.constexpr):
-    """Decode-producer loop (config ``dp``; a variant under test, for large M): DP decoder warpgroups turn the ring's
-    packed W into A tiles in shared memory while the kernel's own warpgroup only issues wgmma (A and x from shared
-    memory), so the decode's latency no longer sits between two wgmma; a loader warp keeps the ring full."""
+    """Decode-producer loop (config ``dp``, off: measured slower, see pick_config): DP decoder warpgroups turn the
+    ring's packed W into A tiles in shared memory while the kernel's own warpgroup only issues wgmma (A and x from
+    shared memory), so the decode's latency no longer sits between two wgmma; a loader warp keeps the ring full."""
     xs, wvs, wms = _alloc_ring(xd, wvd, wmd, NS)
     a_s = gl.allocate_shared_memory(DT, [NS, R, 128], xs_l)
     loaded = _new_barriers(NS)
@@ -616,9 +617,10 @@ def pick_config(M: int, N: int, K: int, tma: bool | None = None, dp: int = 0, BM
     # pf: L2 prefetch of W that many K steps ahead (0 = off; a variant under test, see gluon_nm16._l2_prefetch)
     # xc: x loads without row masks when M is not a multiple of BM (rows past M re-read row M - 1; a variant under
     # test). (The launcher drops SPLIT past MAX_TILES.)
-    # ws: the TMA ring's loads from a warp-specialised loader warp (_main_loop_ws; a variant not yet run on a GPU)
-    # dp: decoder warpgroups (1 or 2) feeding an MMA warpgroup through shared memory (_main_loop_dp; a variant
-    # under test)
+    # ws: the TMA ring's loads from a warp-specialised loader warp (_main_loop_ws; refused by the launcher: wrong
+    # results on the H100 in session 12)
+    # dp: decoder warpgroups (1 or 2) feeding an MMA warpgroup through shared memory (_main_loop_dp; correct on the
+    # H100, 1.2-2.4x slower than main's choice at M 64-1024 except ~equal to the scratch path at M = 256: off)
     return {"BM": BM, "NW": NW, "SPLIT": split, "PRE": pre, "pf": 0, "xc": False, "tma": tma, "stages": stages,
             "ws": False, "dp": dp if tma else 0}
 
@@ -721,9 +723,15 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     use_tma = bool(cfg["tma"]) and K % fr.STEP_COLS == 0
     dp = int(cfg["dp"])
-    if (cfg["ws"] or dp) and not use_tma:
-        raise ValueError(f"nm16 wgmma kernel: ws / dp (warp-specialised loops) need the TMA ring (tma and K % 128 == "
-                         f"0; K={K})")
+    if cfg["ws"]:
+        # Session 12, H100: wrong results at BM 128 with 4 ring stages and in an fp16 split-K case with the outlier
+        # pass (right at BM 64 / 4 stages, BM 128 / 2 stages, M 17): benchmarks/results/raw/h100_s12/
+        # ws_narrowing_h100.txt. The loop stays for that debugging; no caller may run it until then.
+        raise ValueError("nm16 wgmma kernel: config ws is disabled: it gave wrong results on the H100 (session 12, "
+                         "benchmarks/results/raw/h100_s12/ws_narrowing_h100.txt)")
+    if dp and not use_tma:
+        raise ValueError(f"nm16 wgmma kernel: dp (decoder warpgroups) needs the TMA ring (tma and K % 128 == 0; "
+                         f"K={K})")
     if dp and (dp not in (1, 2) or NW != 4 or BM * dp > 256):
         # (dp 2 at BM 256: 16 warps leave 128 registers per thread, the 64 x 256 wgmma's accumulator alone takes 128)
         raise ValueError(f"nm16 wgmma kernel: dp={dp} at BM={BM} (1 or 2 decoder warpgroups, with NW 4; 2 only up "
