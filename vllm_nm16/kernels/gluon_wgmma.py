@@ -709,18 +709,6 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
         # (a CTA owns 16 * NW whole rows: N not a multiple would leave rows unwritten)
         raise ValueError(f"nm16 wgmma kernel: config NW={NW}, BM={BM} for N={N} (NW 4 or 8 with N a multiple of "
                          f"16 * NW; BM 8-256, a power of two)")
-    S = -(-K // fr.STEP_COLS)
-    split = max(1, min(cfg["SPLIT"], S))
-    grid = (N // (16 * NW), -(-M // BM), split)
-    if grid[0] * grid[1] > MAX_TILES:
-        split, grid = 1, grid[:2] + (1,)
-    has_out, pre = outlier_pass(bool(cfg["PRE"]), x2d, outlier_values, outlier_index, N, outlier_block,
-                                outliers_per_block, in_features)
-    DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
-    NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
-    even_k = K % fr.STEP_COLS == 0
-    xc = bool(cfg["xc"]) and M % BM != 0  # x loads without row masks (rows past M re-read row M - 1, never stored)
-    ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     use_tma = bool(cfg["tma"]) and K % fr.STEP_COLS == 0
     dp = int(cfg["dp"])
     if cfg["ws"]:
@@ -736,6 +724,18 @@ def wgmma_linear(x2d: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
         # (dp 2 at BM 256: 16 warps leave 128 registers per thread, the 64 x 256 wgmma's accumulator alone takes 128)
         raise ValueError(f"nm16 wgmma kernel: dp={dp} at BM={BM} (1 or 2 decoder warpgroups, with NW 4; 2 only up "
                          f"to BM 128)")
+    S = -(-K // fr.STEP_COLS)
+    split = max(1, min(cfg["SPLIT"], S))
+    grid = (N // (16 * NW), -(-M // BM), split)
+    if grid[0] * grid[1] > MAX_TILES:
+        split, grid = 1, grid[:2] + (1,)
+    has_out, pre = outlier_pass(bool(cfg["PRE"]), x2d, outlier_values, outlier_index, N, outlier_block,
+                                outliers_per_block, in_features)
+    DT = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
+    NO = (in_features // outlier_block) * outliers_per_block if has_out else 0
+    even_k = K % fr.STEP_COLS == 0
+    xc = bool(cfg["xc"]) and M % BM != 0  # x loads without row masks (rows past M re-read row M - 1, never stored)
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device) if split > 1 else y
     descs, NS, tma_l = (None, None, None), 0, (None, None)
     if use_tma:
         NS = int(cfg["stages"]) or (dp_stages(BM) if dp else tma_stages(NW, BM))
