@@ -144,7 +144,7 @@ WGMMA_CASES = [
     ("wgmma_m33_fp16_all_k576_tma_fallback", 8, 16, 192, 576, 33, "float16", (192, 3), True, True, True, None,
      dict(WGMMA, tma=True)),
     # decoder warpgroups feeding an MMA warpgroup through shared memory (dp): BM 64-256, 1 / 2 decoders, split-K,
-    # several token blocks, in-kernel outliers and PRE, fp16
+    # several token blocks, outliers (their pass: PRE, the default above M = 32), scale / shift / bias, fp16
     ("wgmma_m256_bf16_all_dp1", 8, 16, 192, 2048, 256, "bfloat16", (256, 4), True, True, True, None,
      dict(WGMMA, BM=256, tma=True, dp=1)),
     ("wgmma_m300_fp16_out_pre_dp2_split2", 8, 16, 128, 1536, 300, "float16", (256, 4), True, False, False, None,
