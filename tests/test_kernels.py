@@ -154,7 +154,8 @@ def test_gpu_gluon_refuses_what_it_cannot_run():
 
 @needs_cuda
 def test_gpu_wgmma_refuses_a_tile_that_does_not_divide_n():
-    """A forced 8-warp CTA owns 128 rows: on N = 192 the last 64 would stay unwritten -- refused by name."""
+    """A forced 8-warp CTA owns 128 rows: on N = 192 the last 64 would stay unwritten -- refused by name; so are the
+    configs the launcher cannot run right (ws; dp 2 at BM 256)."""
     from vllm_nm16.kernels import nm16_linear
     from nm16_dev.kernel_testing import layer_args, random_layer
 
