@@ -144,6 +144,16 @@ def _stage_x(buf, xx, BM: gl.constexpr, DT: gl.constexpr):
 
 
 @gluon.jit
+def _load_table(tab_ptr, K, R: gl.constexpr, gl4: gl.constexpr):
+    """The decode's two table words in layout ``gl4``, loaded per thread through an offset that is 0 (N + K < 2**30,
+    can_implement) but varies by thread as far as the compilers know: a uniform load lands in uniform registers,
+    which ptxas then copies into a regular register before every prmt (+2 instructions per kept value)."""
+    lane0 = (gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl4)))[:, None, None] + K) >> 30
+    lane0 = lane0 + gl.zeros([R, 2, 4], gl.int32, layout=gl4)
+    return gl.load(tab_ptr + lane0), gl.load(tab_ptr + 1 + lane0)
+
+
+@gluon.jit
 def _decode(v, mk, tab_cl, tab_kk, ASM: gl.constexpr, R: gl.constexpr, DT: gl.constexpr, gl4: gl.constexpr,
             a_l: gl.constexpr):
     """One K step of this warp's 16 rows (2 tiles) -> the A operand [R, 128] (gluon_nm16._mma_step without WK)."""
@@ -206,13 +216,7 @@ def nm16_wgmma_kernel(x_ptr, xw_ptr, wv_ptr, wm_ptr, tab_ptr, ov_ptr, oi_ptr, sc
         x_off = m_x * (XS // 2) + cw_x
     col_x = cw_x * 2 + m_x * 0
     x_row_ok = m_x < M
-    # The decode's table words, loaded per thread through an offset that is 0 (N + K < 2**30, can_implement) but
-    # varies by thread as far as the compilers know: a uniform load lands in uniform registers, which ptxas then
-    # copies into a regular register before every prmt (+2 instructions per kept value).
-    lane0 = (gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl4)))[:, None, None] + K) >> 30
-    lane0 = lane0 + gl.zeros([R, 2, 4], gl.int32, layout=gl4)
-    tab_cl = gl.load(tab_ptr + lane0)
-    tab_kk = gl.load(tab_ptr + 1 + lane0)
+    tab_cl, tab_kk = _load_table(tab_ptr, K, R, gl4)
 
     if TMA:
         if DP > 0:
@@ -386,8 +390,9 @@ def _main_loop_tma(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constex
 
 @gluon.jit
 def _ws_loader(xd, wvd, wmd, xs, wvs, wms, ready, empty, i0, i1, m0, r0, NS: gl.constexpr):
-    """Producer partition (one warp): fills stage j % NS with K step i0 + j as soon as the consumers have released it
-    (``empty``: they arrive once the wgmma that read it has completed); up to NS steps in flight."""
+    """Producer partition (one warp; the ws and dp loops): fills stage j % NS with K step i0 + j as soon as the
+    consumers have released it (``empty``: they arrive once the wgmma that read it has completed); up to NS steps in
+    flight."""
     for j in range(i1 - i0):
         s = j % NS
         mbarrier.wait(empty.index(s), ((j // NS) & 1) ^ 1)   # a fresh barrier counts as released (phase 1 done)
@@ -438,25 +443,13 @@ def _main_loop_ws(xd, wvd, wmd, tab_cl, tab_kk, i0, i1, m0, r0, ASM: gl.constexp
 
 
 @gluon.jit
-def _dp_loader(xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS: gl.constexpr):
-    """dp loader partition (one warp): K step i0 + j into stage j % NS once the MMA warps have released it."""
-    for j in range(i1 - i0):
-        s = j % NS
-        mbarrier.wait(free.index(s), ((j // NS) & 1) ^ 1)   # a fresh barrier counts as released (phase 1 done)
-        _tma_stage(xd, wvd, wmd, xs, wvs, wms, loaded, s, i0 + j, True, m0, r0)
-
-
-@gluon.jit
 def _dp_decoder(wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, q0, ASM: gl.constexpr, R: gl.constexpr,
                 DT: gl.constexpr, NS: gl.constexpr, DP: gl.constexpr, a_l: gl.constexpr, vl: gl.constexpr,
                 gl4: gl.constexpr, vl2: gl.constexpr, ml2: gl.constexpr):
     """dp decoder partition (one warpgroup; with DP of them, this one takes the steps j = q0 mod DP): wait for a
     stage's W, decode it in registers (the ring kernel's decode) and store the A tile [R, 128] into the stage's
     NVMMA-swizzled A buffer for the MMA warps' wgmma."""
-    lane0 = (gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl4)))[:, None, None] + K) >> 30
-    lane0 = lane0 + gl.zeros([R, 2, 4], gl.int32, layout=gl4)
-    tab_cl = gl.load(tab_ptr + lane0)
-    tab_kk = gl.load(tab_ptr + 1 + lane0)
+    tab_cl, tab_kk = _load_table(tab_ptr, K, R, gl4)   # (loaded by the partition itself)
     for j in range(q0, i1 - i0, DP):
         s = j % NS
         mbarrier.wait(loaded.index(s), (j // NS) & 1)
@@ -503,7 +496,7 @@ def _main_loop_dp(xd, wvd, wmd, tab_ptr, K, i0, i1, m0, r0, ASM: gl.constexpr, R
             (_dp_mma, (xs, a_s, loaded, decoded, free, i0, i1, R, BM, NS, acc_l)),
             (_dp_decoder, (wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, 0, ASM, R, DT, NS, DP, a_l, vl, gl4,
                            vl2, ml2)),
-            (_dp_loader, (xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS)),
+            (_ws_loader, (xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS)),
         ], [4, 1], [_DP_DEC_REGS, 40])
     else:
         acc = gl.warp_specialize([
@@ -512,7 +505,7 @@ def _main_loop_dp(xd, wvd, wmd, tab_ptr, K, i0, i1, m0, r0, ASM: gl.constexpr, R
                            vl2, ml2)),
             (_dp_decoder, (wvs, wms, a_s, loaded, decoded, tab_ptr, K, i0, i1, 1, ASM, R, DT, NS, DP, a_l, vl, gl4,
                            vl2, ml2)),
-            (_dp_loader, (xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS)),
+            (_ws_loader, (xd, wvd, wmd, xs, wvs, wms, loaded, free, i0, i1, m0, r0, NS)),
         ], [4, 4, 1], [_DP_DEC_REGS, _DP_DEC_REGS, 40])
     for q in gl.static_range(NS):
         mbarrier.invalidate(loaded.index(q))
